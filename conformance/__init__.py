@@ -1,0 +1,1 @@
+"""Cross-backend conformance suite: a float64 reference and the checks against it."""

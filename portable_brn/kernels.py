@@ -1,0 +1,82 @@
+"""The passes over full-size arrays, behind a per-namespace dispatch.
+
+The renormalization algebra (r, d, schedules, state) is per-feature and lives in
+``renorm``; the few operations that touch every element live here.  ``GenericKernel``
+is written against the Array API standard and is the reference; a backend may
+register a faster kernel for its namespace, which the conformance suite holds to it.
+
+Conventions: ``view`` is the input reshaped to ``layout.view_shape``; per-feature
+arrays have ``layout.stat_shape`` (or broadcast against it) in the compute dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from .layout import Layout
+from .moments import ReplicaMean, as_compute, view_moments
+
+__all__ = ["GenericKernel", "Kernel", "kernel_for", "register_kernel"]
+
+
+class Kernel(Protocol):
+    """The full-size passes of one training step."""
+
+    def moments(self, xp: Any, view: Any, layout: Layout,
+                replica_mean: ReplicaMean) -> tuple[Any, Any]:
+        """Per-feature mean and biased variance (keepdims, compute dtype)."""
+
+    def affine(self, xp: Any, view: Any, scale: Any, shift: Any, dtype: Any) -> Any:
+        """``view * scale + shift`` in ``dtype``."""
+
+    def grad_sums(self, xp: Any, grad: Any, view: Any, mean: Any,
+                  layout: Layout) -> tuple[Any, Any]:
+        """Per-feature ``sum(grad)`` and ``sum(grad * (view - mean))``."""
+
+    def grad_input(self, xp: Any, grad: Any, view: Any, scale: Any, x_scale: Any,
+                   shift: Any, dtype: Any) -> Any:
+        """``grad * scale + view * x_scale + shift`` in ``dtype``."""
+
+
+class GenericKernel:
+    """Every pass in plain Array API operations: runs on any conforming library."""
+
+    def moments(self, xp: Any, view: Any, layout: Layout,
+                replica_mean: ReplicaMean) -> tuple[Any, Any]:
+        return view_moments(xp, as_compute(xp, view), layout, replica_mean)
+
+    def affine(self, xp: Any, view: Any, scale: Any, shift: Any, dtype: Any) -> Any:
+        y = as_compute(xp, view) * scale + shift
+        return y if y.dtype == dtype else xp.astype(y, dtype)
+
+    def grad_sums(self, xp: Any, grad: Any, view: Any, mean: Any,
+                  layout: Layout) -> tuple[Any, Any]:
+        grad = as_compute(xp, grad)
+        axes = layout.reduce_axes
+        centered = as_compute(xp, view) - mean
+        return (xp.sum(grad, axis=axes, keepdims=True),
+                xp.sum(grad * centered, axis=axes, keepdims=True))
+
+    def grad_input(self, xp: Any, grad: Any, view: Any, scale: Any, x_scale: Any,
+                   shift: Any, dtype: Any) -> Any:
+        dx = as_compute(xp, grad) * scale + (as_compute(xp, view) * x_scale + shift)
+        return dx if dx.dtype == dtype else xp.astype(dx, dtype)
+
+
+_GENERIC = GenericKernel()
+_REGISTRY: list[tuple[Callable[[Any], bool], Kernel]] = []
+
+
+def register_kernel(matches: Callable[[Any], bool], kernel: Kernel) -> None:
+    """Use ``kernel`` for every namespace ``xp`` with ``matches(xp)``; last wins."""
+    _REGISTRY.insert(0, (matches, kernel))
+
+
+def kernel_for(xp: Any, replica_mean: ReplicaMean | None = None) -> Kernel:
+    """The fastest registered kernel for ``xp``; the generic one with replicas."""
+    if replica_mean is None:
+        for matches, kernel in _REGISTRY:
+            if matches(xp):
+                return kernel
+    return _GENERIC

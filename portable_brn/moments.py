@@ -1,0 +1,92 @@
+"""Per-feature mean and biased variance, and their exact merge.
+
+Statistics are computed in float32 for float16/bfloat16 inputs and in the input's
+dtype otherwise.  ``merge_moments`` pools the moments of several batches exactly
+(Chan et al.'s parallel update), which serves recalibration, the deferred update of
+recurrent use and any sum across replicas.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
+
+from array_api_compat import array_namespace
+
+from .layout import Layout, make_layout
+
+__all__ = ["Moments", "compute_dtype", "merge_moments", "moments"]
+
+ReplicaMean = Callable[[Any], Any] | None
+
+
+class Moments(NamedTuple):
+    """Per-feature ``mean`` and biased ``var`` of ``count`` elements each."""
+
+    mean: Any
+    var: Any
+    count: Any
+
+
+def compute_dtype(xp: Any, dtype: Any) -> Any:
+    """The dtype statistics are kept in: float32 for 16-bit floats, else ``dtype``."""
+    return dtype if xp.finfo(dtype).bits >= 32 else xp.float32
+
+
+def as_compute(xp: Any, x: Any) -> Any:
+    """``x`` in its compute dtype, without a copy when it already is."""
+    dtype = compute_dtype(xp, x.dtype)
+    return x if x.dtype == dtype else xp.astype(x, dtype)
+
+
+def view_moments(xp: Any, view: Any, layout: Layout,
+                 replica_mean: ReplicaMean = None) -> tuple[Any, Any]:
+    """Mean and biased variance of ``view`` over the reduced axes, keeping dims.
+
+    ``replica_mean`` averages a per-feature array over replicas of equal batch size, so
+    both moments become those of the global batch (two passes, exact).
+    """
+    axes = layout.reduce_axes
+    mean = xp.mean(view, axis=axes, keepdims=True)
+    if replica_mean is not None:
+        mean = replica_mean(mean)
+    centered = view - mean
+    var = xp.mean(centered * centered, axis=axes, keepdims=True)
+    if replica_mean is not None:
+        var = replica_mean(var)
+    return mean, var
+
+
+def moments(x: Any, feature_axis: int | tuple[int, ...] = 1, *,
+            micro_batch: int | None = None) -> Moments:
+    """Per-feature mean and biased variance of ``x`` over every non-feature axis.
+
+    With ``micro_batch`` the result has a leading axis, one entry per group.
+    """
+    xp = array_namespace(x)
+    layout = make_layout(x.shape, feature_axis, micro_batch, training=True)
+    view = xp.reshape(as_compute(xp, x), layout.view_shape)
+    mean, var = view_moments(xp, view, layout)
+    shape = ((layout.view_shape[0],) if layout.grouped else ()) + layout.feature_shape
+    return Moments(xp.reshape(mean, shape), xp.reshape(var, shape), layout.count)
+
+
+def merge_two(a: Moments, b: Moments) -> Moments:
+    """Exact moments of the union of two disjoint sets (Chan et al.)."""
+    count = a.count + b.count
+    delta = b.mean - a.mean
+    weight_b = b.count / count
+    mean = a.mean + delta * weight_b
+    var = (a.var * (a.count / count) + b.var * weight_b
+           + delta * delta * (a.count / count) * weight_b)
+    return Moments(mean, var, count)
+
+
+def merge_moments(parts: Iterable[Moments]) -> Moments:
+    """Exact pooled mean and biased variance of all ``parts`` together."""
+    pooled = None
+    for part in parts:
+        pooled = part if pooled is None else merge_two(pooled, part)
+    if pooled is None:
+        raise ValueError("merge_moments needs at least one Moments, got none")
+    return pooled

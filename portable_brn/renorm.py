@@ -1,0 +1,253 @@
+"""Batch Renormalization: training forward, inference forward and backward pass.
+
+Pure functions: state comes in and new state goes out, nothing is mutated, and no
+Python branch depends on an array value, so they trace under ``jax.jit`` and
+``torch.compile``.  SPEC.md sections 2-5 is the contract; the folded form
+``y = x * scale + shift`` keeps full-size temporaries to a minimum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
+
+from .config import RenormConfig
+from .inputs import check_floating, check_param, check_same_device, namespace_of
+from .kernels import kernel_for
+from .layout import Layout, make_layout
+from .moments import Moments, ReplicaMean, compute_dtype, merge_moments
+from .state import RenormState
+
+__all__ = ["Residuals", "backward", "deferred_update", "forward_infer", "forward_train",
+           "update_state"]
+
+
+class Residuals(NamedTuple):
+    """What ``backward`` needs from a training forward, plus what the caller may inspect.
+
+    Per-feature arrays broadcast against ``x`` viewed as ``layout.view_shape``.
+    ``moments`` are the batch's own (pooled over micro-batches) in the state's shape,
+    ready for ``deferred_update``; ``finite`` is False for features whose batch
+    statistic was NaN or Inf, whose moving statistics were therefore left as they were.
+    """
+
+    x: Any
+    batch_mean: Any
+    batch_inv_std: Any
+    r: Any
+    d: Any
+    weight: Any
+    clipped_z: Any
+    clip_mask: Any
+    moments: Moments
+    finite: Any
+    layout: Layout
+    replica_mean: ReplicaMean
+    has_bias: bool
+
+
+def _check_call(x: Any, state: RenormState, weight: Any, bias: Any, layout_of: Callable) -> tuple:
+    """Namespace, layout and compute dtype of one call, after checking every argument."""
+    xp = namespace_of(x=x, mean=state.mean, std=state.std, weight=weight, bias=bias)
+    check_floating(xp, "x", x)
+    layout = layout_of(x.shape)
+    for name, array in (("state.mean", state.mean), ("state.std", state.std),
+                        ("weight", weight), ("bias", bias)):
+        check_param(xp, name, array, layout.feature_shape)
+    check_same_device(x=x, mean=state.mean, std=state.std, weight=weight, bias=bias)
+    return xp, layout, compute_dtype(xp, x.dtype)
+
+
+def _per_feature(xp: Any, array: Any, layout: Layout, dtype: Any) -> Any:
+    """A state-shaped array in ``dtype``, shaped to broadcast against the view."""
+    if array is None:
+        return None
+    array = array if array.dtype == dtype else xp.astype(array, dtype)
+    return xp.reshape(array, layout.state_stat_shape)
+
+
+def _schedule_value(xp: Any, schedule: Any, step: Any) -> Any:
+    """A clip limit at ``step`` (a 0-d float array) as a 0-d array of the step's dtype."""
+    value = schedule(step) if callable(schedule) else schedule
+    if isinstance(value, (int, float)):
+        return xp.full_like(step, value)
+    return value if value.dtype == step.dtype else xp.astype(value, step.dtype)
+
+
+def corrections(xp: Any, batch_mean: Any, batch_std: Any, mean: Any, std: Any, step: Any,
+                config: RenormConfig) -> tuple[Any, Any]:
+    """The clipped r and d of Algorithm 1, with warm-up (r = 1, d = 0 while t < warmup)."""
+    step_value = xp.astype(step, batch_std.dtype)
+    r_max = _schedule_value(xp, config.r_max, step_value)
+    d_max = _schedule_value(xp, config.d_max, step_value)
+    r_min = (1.0 / r_max if config.r_min is None
+             else _schedule_value(xp, config.r_min, step_value))
+    r = xp.minimum(xp.maximum(batch_std / std, r_min), r_max)
+    d = xp.minimum(xp.maximum((batch_mean - mean) / std, -d_max), d_max)
+    if config.warmup_steps:
+        warm = step < config.warmup_steps
+        r = xp.where(warm, xp.ones_like(r), r)
+        d = xp.where(warm, xp.zeros_like(d), d)
+    return r, d
+
+
+def update_state(state: RenormState, batch_mean: Any, batch_std: Any,
+                 config: RenormConfig) -> tuple[RenormState, Any]:
+    """Move the statistics toward the batch's by ``config.momentum``; step + 1.
+
+    A feature whose batch statistic is not finite keeps its old statistics.  Returns the
+    new state and the per-feature ``finite`` flags.
+    """
+    xp = namespace_of(mean=state.mean, batch_mean=batch_mean, batch_std=batch_std)
+    finite = xp.isfinite(batch_mean) & xp.isfinite(batch_std)
+
+    def moved(old: Any, target: Any) -> Any:
+        new = old + config.momentum * (target - old)
+        return xp.where(finite, xp.astype(new, old.dtype), old)
+
+    new_state = RenormState(moved(state.mean, batch_mean), moved(state.std, batch_std),
+                            state.step + 1)
+    return new_state, finite
+
+
+def deferred_update(state: RenormState, parts: Iterable[Moments],
+                    config: RenormConfig) -> tuple[RenormState, Any]:
+    """One update from the pooled moments of several calls (recurrent use: every
+    timestep normalized with the same statistics, then one update from all of them)."""
+    pooled = merge_moments(parts)
+    xp = namespace_of(mean=pooled.mean)
+    return update_state(state, pooled.mean, xp.sqrt(pooled.var + config.eps), config)
+
+
+def _pooled(xp: Any, mean: Any, var: Any, layout: Layout) -> Moments:
+    """Moments of the whole call from those of its equal-sized micro-batches."""
+    if layout.grouped:
+        pooled_mean = xp.mean(mean, axis=0, keepdims=True)
+        var = xp.mean(var + (mean - pooled_mean) ** 2, axis=0, keepdims=True)
+        mean = pooled_mean
+    count = layout.count * (layout.view_shape[0] if layout.grouped else 1)
+    shape = layout.feature_shape
+    return Moments(xp.reshape(mean, shape), xp.reshape(var, shape), count)
+
+
+def _group_mean(xp: Any, array: Any, layout: Layout) -> Any:
+    """The mean over micro-batches of a per-group statistic, in the state's shape."""
+    if layout.grouped:
+        array = xp.mean(array, axis=0, keepdims=True)
+    return xp.reshape(array, layout.feature_shape)
+
+
+def forward_train(x: Any, state: RenormState, weight: Any, bias: Any, config: RenormConfig,
+                  *, stop_gradient: Callable[[Any], Any] | None = None,
+                  defer_update: bool = False,
+                  replica_mean: ReplicaMean = None) -> tuple[Any, RenormState, Residuals]:
+    """One training step of Algorithm 1: returns ``(y, new_state, residuals)``.
+
+    ``stop_gradient`` is the framework's (r, d and the state update are wrapped in it).
+    ``defer_update=True`` returns the state unchanged (recurrent use; see
+    ``deferred_update``).  ``replica_mean`` averages a per-feature array over replicas,
+    making the batch statistics those of the global batch.
+    """
+    xp, layout, dtype = _check_call(
+        x, state, weight, bias,
+        lambda shape: make_layout(shape, config.feature_axis, config.micro_batch))
+    no_grad = stop_gradient if stop_gradient is not None else (lambda a: a)
+    kernel = kernel_for(xp, replica_mean)
+    view = xp.reshape(x, layout.view_shape)
+
+    batch_mean, batch_var = kernel.moments(xp, view, layout, replica_mean)
+    batch_std = xp.sqrt(batch_var + config.eps)
+    inv_std = 1.0 / batch_std
+    mean = _per_feature(xp, state.mean, layout, dtype)
+    std = _per_feature(xp, state.std, layout, dtype)
+    r, d = corrections(xp, batch_mean, batch_std, mean, std, state.step, config)
+    r, d = no_grad(r), no_grad(d)
+    w, b = _per_feature(xp, weight, layout, dtype), _per_feature(xp, bias, layout, dtype)
+
+    scale = r * inv_std
+    shift = d - batch_mean * scale
+    clipped_z = clip_mask = None
+    if config.output_clip is None:
+        if w is not None:
+            scale, shift = scale * w, shift * w
+        if b is not None:
+            shift = shift + b
+        y = kernel.affine(xp, view, scale, shift, x.dtype)
+    else:
+        low, high = config.output_clip
+        z = kernel.affine(xp, view, scale, shift, dtype)
+        clip_mask = (z >= low) & (z <= high)
+        clipped_z = xp.clip(z, low, high)
+        y = clipped_z if w is None else clipped_z * w
+        y = y if b is None else y + b
+        y = xp.astype(y, x.dtype)
+
+    target_mean = no_grad(_group_mean(xp, batch_mean, layout))
+    target_std = no_grad(_group_mean(xp, batch_std, layout))
+    finite = xp.isfinite(target_mean) & xp.isfinite(target_std)
+    new_state = state
+    if not defer_update:
+        new_state, finite = update_state(state, target_mean, target_std, config)
+    residuals = Residuals(view, batch_mean, inv_std, r, d, w, clipped_z, clip_mask,
+                          _pooled(xp, no_grad(batch_mean), no_grad(batch_var), layout),
+                          finite, layout, replica_mean, bias is not None)
+    return xp.reshape(y, x.shape), new_state, residuals
+
+
+def forward_infer(x: Any, state: RenormState, weight: Any, bias: Any,
+                  config: RenormConfig) -> Any:
+    """Inference: ``weight * (x - mean) / std + bias`` with the moving statistics."""
+    xp, layout, dtype = _check_call(
+        x, state, weight, bias,
+        lambda shape: make_layout(shape, config.feature_axis, training=False))
+    scale = 1.0 / _per_feature(xp, state.std, layout, dtype)
+    shift = -_per_feature(xp, state.mean, layout, dtype) * scale
+    w, b = _per_feature(xp, weight, layout, dtype), _per_feature(xp, bias, layout, dtype)
+    if w is not None:
+        scale, shift = scale * w, shift * w
+    if b is not None:
+        shift = shift + b
+    return kernel_for(xp).affine(xp, x, scale, shift, x.dtype)
+
+
+def backward(residuals: Residuals, dy: Any) -> tuple[Any, Any, Any]:
+    """Gradients ``(dx, dweight, dbias)`` of SPEC section 4 from ``forward_train``'s
+    residuals; ``dweight`` (``dbias``) is None when the forward had no weight (bias)."""
+    res, layout = residuals, residuals.layout
+    xp = namespace_of(dy=dy, x=res.x)
+    if tuple(dy.shape) != layout.shape:
+        raise ValueError(f"dy has shape {tuple(dy.shape)} but the forward input had "
+                         f"shape {layout.shape}")
+    check_floating(xp, "dy", dy)
+    kernel = kernel_for(xp, res.replica_mean)
+    grad = xp.reshape(dy, layout.view_shape)
+    dtype = res.batch_inv_std.dtype
+
+    def feature_sum(per_group: Any) -> Any:
+        total = xp.sum(per_group, axis=0, keepdims=True) if layout.grouped else per_group
+        return xp.reshape(total, layout.feature_shape)
+
+    sum_g, sum_gc = kernel.grad_sums(xp, grad, res.x, res.batch_mean, layout)
+    dbias = feature_sum(sum_g) if res.has_bias else None
+    dweight = None
+    if res.weight is not None:
+        if res.clip_mask is None:
+            per_group = res.r * res.batch_inv_std * sum_gc + res.d * sum_g
+        else:
+            per_group = xp.sum(xp.astype(grad, dtype) * res.clipped_z, axis=layout.reduce_axes,
+                               keepdims=True)
+        dweight = feature_sum(per_group)
+    if res.clip_mask is not None:
+        grad = xp.where(res.clip_mask, xp.astype(grad, dtype), xp.zeros_like(res.clipped_z))
+        sum_g, sum_gc = kernel.grad_sums(xp, grad, res.x, res.batch_mean, layout)
+
+    mean_g, mean_gc = sum_g / layout.count, sum_gc / layout.count
+    if res.replica_mean is not None:
+        mean_g, mean_gc = res.replica_mean(mean_g), res.replica_mean(mean_gc)
+    scale = res.r * res.batch_inv_std
+    if res.weight is not None:
+        scale = scale * res.weight
+    x_scale = -scale * res.batch_inv_std * res.batch_inv_std * mean_gc
+    shift = -scale * mean_g - res.batch_mean * x_scale
+    dx = kernel.grad_input(xp, grad, res.x, scale, x_scale, shift, res.x.dtype)
+    return xp.reshape(dx, layout.shape), dweight, dbias

@@ -1,0 +1,40 @@
+"""The moving statistics and the step counter, as an immutable container.
+
+A ``NamedTuple`` is a JAX pytree and a plain tuple everywhere else, so the same state
+flows through ``jax.jit``, ``torch.compile`` and NumPy code unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+__all__ = ["RenormState", "init_state"]
+
+
+class RenormState(NamedTuple):
+    """Moving mean, moving standard deviation (a std, not a variance) and step ``t``."""
+
+    mean: Any
+    std: Any
+    step: Any
+
+
+def init_state(num_features: int | tuple[int, ...], *, xp: Any,
+               dtype: Any | None = None, device: Any | None = None) -> RenormState:
+    """Fresh state: mean 0, std 1, step 0.
+
+    ``num_features`` is the size of the feature axis, or a tuple of sizes when the
+    normalization keeps one statistic per element of several axes.  ``dtype`` defaults
+    to float32; the step uses the namespace's default integer dtype.
+    """
+    shape = (num_features,) if isinstance(num_features, int) else tuple(num_features)
+    if not shape or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in shape):
+        raise ValueError(f"num_features must be a positive int or a tuple of them, "
+                         f"got {num_features!r}")
+    dtype = xp.float32 if dtype is None else dtype
+    int_dtype = xp.__array_namespace_info__().default_dtypes(device=device)["integral"]
+    return RenormState(
+        mean=xp.zeros(shape, dtype=dtype, device=device),
+        std=xp.ones(shape, dtype=dtype, device=device),
+        step=xp.zeros((), dtype=int_dtype, device=device),
+    )
