@@ -27,15 +27,17 @@ class Kernel(Protocol):
                 replica_mean: ReplicaMean) -> tuple[Any, Any]:
         """Per-feature mean and biased variance (keepdims, compute dtype)."""
 
-    def affine(self, xp: Any, view: Any, scale: Any, shift: Any, dtype: Any) -> Any:
+    def affine(self, xp: Any, view: Any, scale: Any, shift: Any, dtype: Any,
+               layout: Layout) -> Any:
         """``view * scale + shift`` in ``dtype``."""
 
-    def grad_sums(self, xp: Any, grad: Any, view: Any, mean: Any,
+    def grad_sums(self, xp: Any, grad: Any, view: Any, mean: Any, inv_std: Any,
                   layout: Layout) -> tuple[Any, Any]:
-        """Per-feature ``sum(grad)`` and ``sum(grad * (view - mean))``."""
+        """Per-feature ``sum(grad)`` and ``sum(grad * (view - mean))``; ``inv_std`` is
+        ``1 / sigma_B``, for kernels whose precision depends on the conditioning."""
 
     def grad_input(self, xp: Any, grad: Any, view: Any, scale: Any, x_scale: Any,
-                   shift: Any, dtype: Any) -> Any:
+                   shift: Any, dtype: Any, layout: Layout) -> Any:
         """``grad * scale + view * x_scale + shift`` in ``dtype``."""
 
 
@@ -46,11 +48,12 @@ class GenericKernel:
                 replica_mean: ReplicaMean) -> tuple[Any, Any]:
         return view_moments(xp, as_compute(xp, view), layout, replica_mean)
 
-    def affine(self, xp: Any, view: Any, scale: Any, shift: Any, dtype: Any) -> Any:
+    def affine(self, xp: Any, view: Any, scale: Any, shift: Any, dtype: Any,
+               layout: Layout) -> Any:
         y = as_compute(xp, view) * scale + shift
         return y if y.dtype == dtype else xp.astype(y, dtype)
 
-    def grad_sums(self, xp: Any, grad: Any, view: Any, mean: Any,
+    def grad_sums(self, xp: Any, grad: Any, view: Any, mean: Any, inv_std: Any,
                   layout: Layout) -> tuple[Any, Any]:
         grad = as_compute(xp, grad)
         axes = layout.reduce_axes
@@ -59,7 +62,7 @@ class GenericKernel:
                 xp.sum(grad * centered, axis=axes, keepdims=True))
 
     def grad_input(self, xp: Any, grad: Any, view: Any, scale: Any, x_scale: Any,
-                   shift: Any, dtype: Any) -> Any:
+                   shift: Any, dtype: Any, layout: Layout) -> Any:
         dx = as_compute(xp, grad) * scale + (as_compute(xp, view) * x_scale + shift)
         return dx if dx.dtype == dtype else xp.astype(dx, dtype)
 

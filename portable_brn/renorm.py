@@ -172,10 +172,10 @@ def forward_train(x: Any, state: RenormState, weight: Any, bias: Any, config: Re
             scale, shift = scale * w, shift * w
         if b is not None:
             shift = shift + b
-        y = kernel.affine(xp, view, scale, shift, x.dtype)
+        y = kernel.affine(xp, view, scale, shift, x.dtype, layout)
     else:
         low, high = config.output_clip
-        z = kernel.affine(xp, view, scale, shift, dtype)
+        z = kernel.affine(xp, view, scale, shift, dtype, layout)
         clip_mask = (z >= low) & (z <= high)
         clipped_z = xp.clip(z, low, high)
         y = clipped_z if w is None else clipped_z * w
@@ -207,7 +207,7 @@ def forward_infer(x: Any, state: RenormState, weight: Any, bias: Any,
         scale, shift = scale * w, shift * w
     if b is not None:
         shift = shift + b
-    return kernel_for(xp).affine(xp, x, scale, shift, x.dtype)
+    return kernel_for(xp).affine(xp, x, scale, shift, x.dtype, layout)
 
 
 def backward(residuals: Residuals, dy: Any) -> tuple[Any, Any, Any]:
@@ -227,7 +227,7 @@ def backward(residuals: Residuals, dy: Any) -> tuple[Any, Any, Any]:
         total = xp.sum(per_group, axis=0, keepdims=True) if layout.grouped else per_group
         return xp.reshape(total, layout.feature_shape)
 
-    sum_g, sum_gc = kernel.grad_sums(xp, grad, res.x, res.batch_mean, layout)
+    sum_g, sum_gc = kernel.grad_sums(xp, grad, res.x, res.batch_mean, res.batch_inv_std, layout)
     dbias = feature_sum(sum_g) if res.has_bias else None
     dweight = None
     if res.weight is not None:
@@ -239,7 +239,7 @@ def backward(residuals: Residuals, dy: Any) -> tuple[Any, Any, Any]:
         dweight = feature_sum(per_group)
     if res.clip_mask is not None:
         grad = xp.where(res.clip_mask, xp.astype(grad, dtype), xp.zeros_like(res.clipped_z))
-        sum_g, sum_gc = kernel.grad_sums(xp, grad, res.x, res.batch_mean, layout)
+        sum_g, sum_gc = kernel.grad_sums(xp, grad, res.x, res.batch_mean, res.batch_inv_std, layout)
 
     mean_g, mean_gc = sum_g / layout.count, sum_gc / layout.count
     if res.replica_mean is not None:
@@ -249,5 +249,5 @@ def backward(residuals: Residuals, dy: Any) -> tuple[Any, Any, Any]:
         scale = scale * res.weight
     x_scale = -scale * res.batch_inv_std * res.batch_inv_std * mean_gc
     shift = -scale * mean_g - res.batch_mean * x_scale
-    dx = kernel.grad_input(xp, grad, res.x, scale, x_scale, shift, res.x.dtype)
+    dx = kernel.grad_input(xp, grad, res.x, scale, x_scale, shift, res.x.dtype, layout)
     return xp.reshape(dx, layout.shape), dweight, dbias
