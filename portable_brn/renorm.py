@@ -43,7 +43,7 @@ class Residuals(NamedTuple):
     finite: Any
     layout: Layout
     replica_mean: ReplicaMean
-    has_bias: bool
+    bias_dtype: Any
 
 
 def _check_call(x: Any, state: RenormState, weight: Any, bias: Any, layout_of: Callable) -> tuple:
@@ -105,8 +105,8 @@ def update_state(state: RenormState, batch_mean: Any, batch_std: Any,
         new = old + config.momentum * (target - old)
         return xp.where(finite, xp.astype(new, old.dtype), old)
 
-    new_state = RenormState(moved(state.mean, batch_mean), moved(state.std, batch_std),
-                            state.step + 1)
+    step = xp.asarray(state.step + 1)  # NumPy turns 0-d arithmetic into a scalar
+    new_state = RenormState(moved(state.mean, batch_mean), moved(state.std, batch_std), step)
     return new_state, finite
 
 
@@ -188,9 +188,10 @@ def forward_train(x: Any, state: RenormState, weight: Any, bias: Any, config: Re
     new_state = state
     if not defer_update:
         new_state, finite = update_state(state, target_mean, target_std, config)
-    residuals = Residuals(view, batch_mean, inv_std, r, d, w, clipped_z, clip_mask,
+    saved_weight = None if weight is None else _per_feature(xp, weight, layout, weight.dtype)
+    residuals = Residuals(view, batch_mean, inv_std, r, d, saved_weight, clipped_z, clip_mask,
                           _pooled(xp, no_grad(batch_mean), no_grad(batch_var), layout),
-                          finite, layout, replica_mean, bias is not None)
+                          finite, layout, replica_mean, None if bias is None else bias.dtype)
     return xp.reshape(y, x.shape), new_state, residuals
 
 
@@ -223,12 +224,13 @@ def backward(residuals: Residuals, dy: Any) -> tuple[Any, Any, Any]:
     grad = xp.reshape(dy, layout.view_shape)
     dtype = res.batch_inv_std.dtype
 
-    def feature_sum(per_group: Any) -> Any:
+    def feature_sum(per_group: Any, param_dtype: Any) -> Any:
+        """A per-group gradient summed over groups, shaped and typed like its parameter."""
         total = xp.sum(per_group, axis=0, keepdims=True) if layout.grouped else per_group
-        return xp.reshape(total, layout.feature_shape)
+        return xp.astype(xp.reshape(total, layout.feature_shape), param_dtype)
 
     sum_g, sum_gc = kernel.grad_sums(xp, grad, res.x, res.batch_mean, res.batch_inv_std, layout)
-    dbias = feature_sum(sum_g) if res.has_bias else None
+    dbias = None if res.bias_dtype is None else feature_sum(sum_g, res.bias_dtype)
     dweight = None
     if res.weight is not None:
         if res.clip_mask is None:
@@ -236,7 +238,7 @@ def backward(residuals: Residuals, dy: Any) -> tuple[Any, Any, Any]:
         else:
             per_group = xp.sum(xp.astype(grad, dtype) * res.clipped_z, axis=layout.reduce_axes,
                                keepdims=True)
-        dweight = feature_sum(per_group)
+        dweight = feature_sum(per_group, res.weight.dtype)
     if res.clip_mask is not None:
         grad = xp.where(res.clip_mask, xp.astype(grad, dtype), xp.zeros_like(res.clipped_z))
         sum_g, sum_gc = kernel.grad_sums(xp, grad, res.x, res.batch_mean, res.batch_inv_std, layout)
