@@ -11,13 +11,14 @@ arrays have ``layout.stat_shape`` (or broadcast against it) in the compute dtype
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 from .layout import Layout
 from .moments import ReplicaMean, as_compute, view_moments
 
-__all__ = ["GenericKernel", "Kernel", "kernel_for", "register_kernel"]
+__all__ = ["GenericKernel", "Kernel", "fast_kernels_disabled", "kernel_for", "register_kernel"]
 
 
 class Kernel(Protocol):
@@ -83,3 +84,15 @@ def kernel_for(xp: Any, replica_mean: ReplicaMean | None = None) -> Kernel:
             if matches(xp):
                 return kernel
     return _GENERIC
+
+
+@contextmanager
+def fast_kernels_disabled() -> Iterator[None]:
+    """Within the block every namespace uses the generic kernel (to compare or time the
+    reference path against the fast ones)."""
+    saved = list(_REGISTRY)
+    _REGISTRY.clear()
+    try:
+        yield
+    finally:
+        _REGISTRY[:0] = saved
