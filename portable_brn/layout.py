@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property, lru_cache
 
 __all__ = ["Layout", "make_layout"]
 
@@ -22,46 +23,46 @@ class Layout:
     feature_axes: tuple[int, ...]
     micro_batch: int | None = None
 
-    @property
+    @cached_property
     def grouped(self) -> bool:
         return self.micro_batch is not None
 
-    @property
+    @cached_property
     def view_shape(self) -> tuple[int, ...]:
         """The shape statistics are computed over."""
         if not self.grouped:
             return self.shape
         return (self.shape[0] // self.micro_batch, self.micro_batch, *self.shape[1:])
 
-    @property
+    @cached_property
     def view_feature_axes(self) -> tuple[int, ...]:
         return tuple(a + 1 for a in self.feature_axes) if self.grouped else self.feature_axes
 
-    @property
+    @cached_property
     def reduce_axes(self) -> tuple[int, ...]:
         """Axes of the view that are averaged over: all but the group and feature axes."""
         start = 1 if self.grouped else 0
         keep = set(self.view_feature_axes)
         return tuple(a for a in range(start, len(self.view_shape)) if a not in keep)
 
-    @property
+    @cached_property
     def stat_shape(self) -> tuple[int, ...]:
         """Shape of a per-feature (per-group) statistic that broadcasts against the view."""
         keep = set(self.view_feature_axes) | ({0} if self.grouped else set())
         return tuple(n if a in keep else 1 for a, n in enumerate(self.view_shape))
 
-    @property
+    @cached_property
     def feature_shape(self) -> tuple[int, ...]:
         """Shape of the moving statistics and of ``weight``/``bias``."""
         return tuple(self.shape[a] for a in self.feature_axes)
 
-    @property
+    @cached_property
     def state_stat_shape(self) -> tuple[int, ...]:
         """Shape that broadcasts a moving statistic against the view."""
         keep = set(self.view_feature_axes)
         return tuple(n if a in keep else 1 for a, n in enumerate(self.view_shape))
 
-    @property
+    @cached_property
     def count(self) -> int:
         """Number of elements reduced per statistic (the paper's m)."""
         return math.prod(self.view_shape[a] for a in self.reduce_axes)
@@ -83,12 +84,17 @@ def _normalize_axes(ndim: int, feature_axis: int | tuple[int, ...]) -> tuple[int
 
 def make_layout(shape: tuple[int, ...], feature_axis: int | tuple[int, ...],
                 micro_batch: int | None = None, *, training: bool = True) -> Layout:
-    """Resolve and check the axes of an input of ``shape``.
+    """Resolve and check the axes of an input of ``shape`` (cached: shapes repeat).
 
     Training needs a batch axis (at least 2 dimensions) and more than one value per
     feature; ``micro_batch`` needs axis 0 to be the batch axis and to divide its size.
     """
-    shape = tuple(int(n) for n in shape)
+    return _make_layout(tuple(int(n) for n in shape), feature_axis, micro_batch, training)
+
+
+@lru_cache(maxsize=256)
+def _make_layout(shape: tuple[int, ...], feature_axis: int | tuple[int, ...],
+                 micro_batch: int | None, training: bool) -> Layout:
     if training and len(shape) < 2:
         raise ValueError(f"x must have at least 2 dimensions (a batch axis and a feature "
                          f"axis) in training, got shape {shape}")
