@@ -74,6 +74,15 @@ def _schedule_value(xp: Any, schedule: Any, step: Any) -> Any:
     return value if value.dtype == step.dtype else xp.astype(value, step.dtype)
 
 
+def _fold_affine(scale: Any, shift: Any, weight: Any, bias: Any) -> tuple[Any, Any]:
+    """``weight * (x * scale + shift) + bias`` as one ``x * scale' + shift'``."""
+    if weight is not None:
+        scale, shift = scale * weight, shift * weight
+    if bias is not None:
+        shift = shift + bias
+    return scale, shift
+
+
 def corrections(xp: Any, batch_mean: Any, batch_std: Any, mean: Any, std: Any, step: Any,
                 config: RenormConfig) -> tuple[Any, Any]:
     """The clipped r and d of Algorithm 1, with warm-up (r = 1, d = 0 while t < warmup)."""
@@ -168,11 +177,7 @@ def forward_train(x: Any, state: RenormState, weight: Any, bias: Any, config: Re
     shift = d - batch_mean * scale
     clipped_z = clip_mask = None
     if config.output_clip is None:
-        if w is not None:
-            scale, shift = scale * w, shift * w
-        if b is not None:
-            shift = shift + b
-        y = kernel.affine(xp, view, scale, shift, x.dtype, layout)
+        y = kernel.affine(xp, view, *_fold_affine(scale, shift, w, b), x.dtype, layout)
     else:
         low, high = config.output_clip
         z = kernel.affine(xp, view, scale, shift, dtype, layout)
@@ -204,11 +209,7 @@ def forward_infer(x: Any, state: RenormState, weight: Any, bias: Any,
     scale = 1.0 / _per_feature(xp, state.std, layout, dtype)
     shift = -_per_feature(xp, state.mean, layout, dtype) * scale
     w, b = _per_feature(xp, weight, layout, dtype), _per_feature(xp, bias, layout, dtype)
-    if w is not None:
-        scale, shift = scale * w, shift * w
-    if b is not None:
-        shift = shift + b
-    return kernel_for(xp).affine(xp, x, scale, shift, x.dtype, layout)
+    return kernel_for(xp).affine(xp, x, *_fold_affine(scale, shift, w, b), x.dtype, layout)
 
 
 def backward(residuals: Residuals, dy: Any) -> tuple[Any, Any, Any]:
