@@ -37,9 +37,9 @@ class Kernel(Protocol):
         """Per-feature ``sum(grad)`` and ``sum(grad * (view - mean))``; ``inv_std`` is
         ``1 / sigma_B``, for kernels whose precision depends on the conditioning."""
 
-    def grad_input(self, xp: Any, grad: Any, view: Any, scale: Any, x_scale: Any,
+    def grad_input(self, xp: Any, grad: Any, view: Any, mean: Any, scale: Any, x_scale: Any,
                    shift: Any, dtype: Any, layout: Layout) -> Any:
-        """``grad * scale + view * x_scale + shift`` in ``dtype``."""
+        """``grad * scale + (view - mean) * x_scale + shift`` in ``dtype``."""
 
 
 class GenericKernel:
@@ -62,9 +62,10 @@ class GenericKernel:
         return (xp.sum(grad, axis=axes, keepdims=True),
                 xp.sum(grad * centered, axis=axes, keepdims=True))
 
-    def grad_input(self, xp: Any, grad: Any, view: Any, scale: Any, x_scale: Any,
+    def grad_input(self, xp: Any, grad: Any, view: Any, mean: Any, scale: Any, x_scale: Any,
                    shift: Any, dtype: Any, layout: Layout) -> Any:
-        dx = as_compute(xp, grad) * scale + (as_compute(xp, view) * x_scale + shift)
+        # centered: x * x_scale and mean * x_scale would cancel when |mean| >> std
+        dx = as_compute(xp, grad) * scale + ((as_compute(xp, view) - mean) * x_scale + shift)
         return dx if dx.dtype == dtype else xp.astype(dx, dtype)
 
 

@@ -64,7 +64,8 @@ def moments(x: Any, feature_axis: int | tuple[int, ...] = 1, *,
     With ``micro_batch`` the result has a leading axis, one entry per group.
     """
     xp = array_namespace(x)
-    layout = make_layout(x.shape, feature_axis, micro_batch, training=True)
+    # one value per feature is a valid (zero-variance) sample here, unlike in training
+    layout = make_layout(x.shape, feature_axis, micro_batch, training=micro_batch is not None)
     view = xp.reshape(as_compute(xp, x), layout.view_shape)
     mean, var = view_moments(xp, view, layout)
     shape = ((layout.view_shape[0],) if layout.grouped else ()) + layout.feature_shape

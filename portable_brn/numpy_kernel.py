@@ -189,17 +189,19 @@ class NumpyKernel(GenericKernel):
         return (sum_g.astype(view.dtype).reshape(layout.stat_shape),
                 sum_gc.astype(view.dtype).reshape(layout.stat_shape))
 
-    def grad_input(self, xp: Any, grad: Any, view: Any, scale: Any, x_scale: Any,
+    def grad_input(self, xp: Any, grad: Any, view: Any, mean: Any, scale: Any, x_scale: Any,
                    shift: Any, dtype: Any, layout: Layout) -> Any:
-        canon = self._canonical(layout, grad, view, scale, x_scale, shift)
+        canon = self._canonical(layout, grad, view, mean, scale, x_scale, shift)
         if canon is None or dtype != view.dtype:
-            return super().grad_input(xp, grad, view, scale, x_scale, shift, dtype, layout)
+            return super().grad_input(xp, grad, view, mean, scale, x_scale, shift, dtype,
+                                      layout)
         g4, x4 = canon.array(grad), canon.array(view)
-        a, b, c = (canon.per_feature(p) for p in (scale, x_scale, shift))
+        m, a, b, c = (canon.per_feature(p) for p in (mean, scale, x_scale, shift))
         dx = np.empty(view.shape, view.dtype)
 
         def fill(task: Task, out: np.ndarray, scratch: np.ndarray) -> None:
-            np.multiply(x4[task], _at(b, task), out=out)
+            np.subtract(x4[task], _at(m, task), out=out)
+            np.multiply(out, _at(b, task), out=out)
             np.add(out, _at(c, task), out=out)
             np.multiply(g4[task], _at(a, task), out=scratch)
             np.add(out, scratch, out=out)

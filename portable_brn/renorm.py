@@ -230,7 +230,8 @@ def backward(residuals: Residuals, dy: Any) -> tuple[Any, Any, Any]:
         total = xp.sum(per_group, axis=0, keepdims=True) if layout.grouped else per_group
         return xp.astype(xp.reshape(total, layout.feature_shape), param_dtype)
 
-    sum_g, sum_gc = kernel.grad_sums(xp, grad, res.x, res.batch_mean, res.batch_inv_std, layout)
+    sum_g, sum_gc = kernel.grad_sums(xp, grad, res.x, res.batch_mean, res.batch_inv_std,
+                                      layout)
     dbias = None if res.bias_dtype is None else feature_sum(sum_g, res.bias_dtype)
     dweight = None
     if res.weight is not None:
@@ -242,7 +243,8 @@ def backward(residuals: Residuals, dy: Any) -> tuple[Any, Any, Any]:
         dweight = feature_sum(per_group, res.weight.dtype)
     if res.clip_mask is not None:
         grad = xp.where(res.clip_mask, xp.astype(grad, dtype), xp.zeros_like(res.clipped_z))
-        sum_g, sum_gc = kernel.grad_sums(xp, grad, res.x, res.batch_mean, res.batch_inv_std, layout)
+        sum_g, sum_gc = kernel.grad_sums(xp, grad, res.x, res.batch_mean, res.batch_inv_std,
+                                      layout)
 
     mean_g, mean_gc = sum_g / layout.count, sum_gc / layout.count
     if res.replica_mean is not None:
@@ -251,6 +253,7 @@ def backward(residuals: Residuals, dy: Any) -> tuple[Any, Any, Any]:
     if res.weight is not None:
         scale = scale * res.weight
     x_scale = -scale * res.batch_inv_std * res.batch_inv_std * mean_gc
-    shift = -scale * mean_g - res.batch_mean * x_scale
-    dx = kernel.grad_input(xp, grad, res.x, scale, x_scale, shift, res.x.dtype, layout)
+    shift = -scale * mean_g
+    dx = kernel.grad_input(xp, grad, res.x, res.batch_mean, scale, x_scale, shift, res.x.dtype,
+                           layout)
     return xp.reshape(dx, layout.shape), dweight, dbias

@@ -158,8 +158,8 @@ def test_numpy_kernel_agrees_with_generic(shape, feature_axis, micro_batch) -> N
     scale, shift = rng.standard_normal(mean.shape), rng.standard_normal(mean.shape)
     assert rel_err(fast.affine(xp, view, scale, shift, view.dtype, layout),
                    generic.affine(xp, view, scale, shift, view.dtype, layout)) < 1e-14
-    assert rel_err(fast.grad_input(xp, grad, view, scale, inv, shift, view.dtype, layout),
-                   generic.grad_input(xp, grad, view, scale, inv, shift, view.dtype,
+    assert rel_err(fast.grad_input(xp, grad, view, mean, scale, inv, shift, view.dtype, layout),
+                   generic.grad_input(xp, grad, view, mean, scale, inv, shift, view.dtype,
                                       layout)) < 1e-14
 
 
