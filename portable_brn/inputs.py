@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from array_api_compat import array_namespace, device
+from array_api_compat import array_namespace, device, is_jax_array
 
 __all__ = ["check_floating", "check_param", "check_same_device", "namespace_of"]
 
@@ -51,8 +51,10 @@ def _device_or_none(array: Any) -> Any:
 
 
 def check_same_device(**arrays: Any) -> None:
-    """All non-None ``arrays`` must live on one device."""
-    seen = {name: _device_or_none(a) for name, a in arrays.items() if a is not None}
+    """All non-None ``arrays`` must live on one device.  JAX arrays are exempt: JAX
+    places (and shards) arrays itself and moves them as an operation needs."""
+    seen = {name: _device_or_none(a) for name, a in arrays.items()
+            if a is not None and not is_jax_array(a)}
     known = {name: d for name, d in seen.items() if d is not None}
     first = next(iter(known.items()), None)
     for name, dev in known.items():

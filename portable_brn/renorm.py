@@ -155,16 +155,19 @@ def forward_train(x: Any, state: RenormState, weight: Any, bias: Any, config: Re
     ``stop_gradient`` is the framework's (r, d and the state update are wrapped in it).
     ``defer_update=True`` returns the state unchanged (recurrent use; see
     ``deferred_update``).  ``replica_mean`` averages a per-feature array over replicas,
-    making the batch statistics those of the global batch.
+    making the batch statistics those of the global batch; with ``micro_batch`` each
+    micro-batch stays local to its replica and only the state update is averaged, so
+    every replica still ends with the same moving statistics.
     """
     xp, layout, dtype = _check_call(
         x, state, weight, bias,
         lambda shape: make_layout(shape, config.feature_axis, config.micro_batch))
     no_grad = stop_gradient if stop_gradient is not None else (lambda a: a)
-    kernel = kernel_for(xp, replica_mean)
+    batch_replica_mean = None if layout.grouped else replica_mean
+    kernel = kernel_for(xp, batch_replica_mean)
     view = xp.reshape(x, layout.view_shape)
 
-    batch_mean, batch_var = kernel.moments(xp, view, layout, replica_mean)
+    batch_mean, batch_var = kernel.moments(xp, view, layout, batch_replica_mean)
     batch_std = xp.sqrt(batch_var + config.eps)
     inv_std = 1.0 / batch_std
     mean = _per_feature(xp, state.mean, layout, dtype)
@@ -189,6 +192,8 @@ def forward_train(x: Any, state: RenormState, weight: Any, bias: Any, config: Re
 
     target_mean = no_grad(_group_mean(xp, batch_mean, layout))
     target_std = no_grad(_group_mean(xp, batch_std, layout))
+    if layout.grouped and replica_mean is not None:
+        target_mean, target_std = replica_mean(target_mean), replica_mean(target_std)
     finite = xp.isfinite(target_mean) & xp.isfinite(target_std)
     new_state = state
     if not defer_update:
@@ -196,7 +201,8 @@ def forward_train(x: Any, state: RenormState, weight: Any, bias: Any, config: Re
     saved_weight = None if weight is None else _per_feature(xp, weight, layout, weight.dtype)
     residuals = Residuals(view, batch_mean, inv_std, r, d, saved_weight, clipped_z, clip_mask,
                           _pooled(xp, no_grad(batch_mean), no_grad(batch_var), layout),
-                          finite, layout, replica_mean, None if bias is None else bias.dtype)
+                          finite, layout, batch_replica_mean,
+                          None if bias is None else bias.dtype)
     return xp.reshape(y, x.shape), new_state, residuals
 
 

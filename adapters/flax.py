@@ -1,0 +1,220 @@
+"""Batch Renormalization as Flax layers: ``flax.linen`` and ``flax.nnx``.
+
+``BatchRenorm`` (linen) and ``NnxBatchRenorm`` (nnx) take the arguments of
+``flax.linen.BatchNorm`` and ``flax.nnx.BatchNorm`` with the same meaning, plus the
+renormalization options (``r_max``, ``d_max``, ``r_min``, ``warmup_steps``,
+``micro_batch``, ``output_clip``).  Conventions kept from Flax:
+
+- ``momentum`` is the decay of the old value (0.99 is the paper's alpha = 0.01);
+- ``use_running_average`` at construction or call (``.train()``/``.eval()`` in nnx);
+- state in the ``batch_stats`` collection (``nnx.BatchStat``): ``mean``, ``std`` (a
+  standard deviation, not a variance) and ``step``; never updated during ``init``;
+- ``dtype`` is the output dtype, inferred from the input and parameters when None;
+  statistics are float32 or wider whatever the input.
+
+``epsilon`` defaults to 1e-3 (the core's, TF's and Keras' renorm default) rather than
+Flax's 1e-5.  Per-feature ``finite`` flags (False where a batch statistic was NaN or
+Inf and the state was kept) are sown as ``finite`` into the ``intermediates`` collection
+(linen, when it is mutable) or ``nnx.Intermediate`` (nnx, under ``nnx.capture``).
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Hashable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from portable_brn.config import RenormConfig
+from portable_brn.inputs import check_floating
+from portable_brn.layout import make_layout
+from portable_brn.schedules import ScheduleLike
+from portable_brn.state import RenormState, init_state
+
+from .jax import renorm_infer, renorm_train
+
+__all__ = ["BatchRenorm", "NnxBatchRenorm"]
+
+Initializer = Any
+Dtype = Any
+
+
+def _renorm_config(axis: int | tuple[int, ...], momentum: float, epsilon: float,
+                  r_max: ScheduleLike, d_max: ScheduleLike, r_min: ScheduleLike | None,
+                  warmup_steps: int, micro_batch: int | None,
+                  output_clip: tuple[float, float] | None) -> RenormConfig:
+    """The core's configuration from Flax's arguments; ``momentum`` is Flax's decay."""
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+        raise TypeError(f"momentum must be a real number, got {momentum!r}")
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum is the decay of the old statistics (Flax convention) and "
+                         f"must be in [0, 1), got {momentum!r}")
+    return RenormConfig(feature_axis=axis, eps=epsilon, momentum=1.0 - momentum, r_max=r_max,
+                        d_max=d_max, r_min=r_min, warmup_steps=warmup_steps,
+                        micro_batch=micro_batch, output_clip=output_clip)
+
+
+def _normalize(x: jax.Array, state: RenormState, scale: jax.Array | None,
+               bias: jax.Array | None, config: RenormConfig, *, training: bool,
+               dtype: Dtype | None, axis_name: Hashable | None, axis_index_groups: Any,
+               use_custom_vjp: bool) -> tuple[jax.Array, RenormState, jax.Array | None]:
+    """``(y, new_state, finite)`` with Flax's dtype rule: the output dtype is ``dtype``,
+    else the promotion of the input and parameters; the input is widened first when
+    that dtype is wider, so no precision is lost on the way."""
+    x = jnp.asarray(x)
+    check_floating(jnp, "x", x)
+    out_dtype = dtype if dtype is not None else jnp.result_type(
+        x, *(p for p in (scale, bias) if p is not None))
+    x = x.astype(jnp.promote_types(x.dtype, out_dtype))
+    if not training:
+        return renorm_infer(x, state, scale, bias, config).astype(out_dtype), state, None
+    y, new_state, finite = renorm_train(x, state, scale, bias, config, axis_name=axis_name,
+                                        axis_index_groups=axis_index_groups,
+                                        use_custom_vjp=use_custom_vjp)
+    return y.astype(out_dtype), new_state, finite
+
+
+def _keep_latest(_previous: Any, latest: Any) -> Any:
+    """Sow reducer: the flags of the latest call replace earlier ones."""
+    return latest
+
+
+def _fresh_state(feature_shape: tuple[int, ...], param_dtype: Dtype) -> RenormState:
+    """Mean 0, std 1, step 0; statistics in ``param_dtype`` but never below float32."""
+    return init_state(feature_shape, xp=jnp, dtype=jnp.promote_types(param_dtype, jnp.float32))
+
+
+class BatchRenorm(nn.Module):
+    """``flax.linen`` Batch Renormalization, a drop-in for ``flax.linen.BatchNorm``.
+
+    Attributes follow ``flax.linen.BatchNorm`` (``use_fast_variance`` and
+    ``force_float32_reductions`` are not offered: statistics are always exact two-pass
+    moments in float32 or wider).  ``r_max``, ``d_max`` and ``r_min`` take a number or a
+    schedule from ``portable_brn.schedules``; ``use_custom_vjp`` picks the core's
+    backward pass (True) or JAX autodiff of the forward (False).
+    """
+
+    use_running_average: bool | None = None
+    axis: int | tuple[int, ...] = -1
+    momentum: float = 0.99
+    epsilon: float = 1e-3
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = nn.initializers.zeros
+    scale_init: Initializer = nn.initializers.ones
+    axis_name: str | None = None
+    axis_index_groups: Any = None
+    r_max: ScheduleLike = 3.0
+    d_max: ScheduleLike = 5.0
+    r_min: ScheduleLike | None = None
+    warmup_steps: int = 0
+    micro_batch: int | None = None
+    output_clip: tuple[float, float] | None = None
+    use_custom_vjp: bool = True
+
+    def __post_init__(self) -> None:
+        """Check the hyperparameters at construction, not at the first call."""
+        self.config()
+        super().__post_init__()
+
+    def config(self) -> RenormConfig:
+        """The core's configuration for this layer."""
+        return _renorm_config(self.axis, self.momentum, self.epsilon, self.r_max, self.d_max,
+                              self.r_min, self.warmup_steps, self.micro_batch,
+                              self.output_clip)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+        """Normalize ``x``; in training, update ``batch_stats`` (except during ``init``)."""
+        use_running_average = nn.merge_param("use_running_average", self.use_running_average,
+                                             use_running_average)
+        config = self.config()
+        shape = make_layout(x.shape, self.axis, training=False).feature_shape
+        fresh = _fresh_state(shape, self.param_dtype)
+        mean = self.variable("batch_stats", "mean", lambda: fresh.mean)
+        std = self.variable("batch_stats", "std", lambda: fresh.std)
+        step = self.variable("batch_stats", "step", lambda: fresh.step)
+        scale = (self.param("scale", self.scale_init, shape, self.param_dtype)
+                 if self.use_scale else None)
+        bias = (self.param("bias", self.bias_init, shape, self.param_dtype)
+                if self.use_bias else None)
+        initializing = self.is_initializing()
+        y, new_state, finite = _normalize(
+            x, RenormState(mean.value, std.value, step.value), scale, bias, config,
+            training=not use_running_average, dtype=self.dtype,
+            axis_name=None if initializing else self.axis_name,
+            axis_index_groups=self.axis_index_groups, use_custom_vjp=self.use_custom_vjp)
+        if finite is not None and not initializing:
+            mean.value, std.value, step.value = new_state
+            self.sow("intermediates", "finite", finite, reduce_fn=_keep_latest)
+        return y
+
+
+class NnxBatchRenorm(nnx.Module):
+    """``flax.nnx`` Batch Renormalization, a drop-in for ``flax.nnx.BatchNorm``.
+
+    State is ``mean``, ``std`` and ``step`` as ``nnx.BatchStat``; ``scale`` and ``bias``
+    are ``nnx.Param``.  ``.train()``/``.eval()`` and ``nnx.view`` set
+    ``use_running_average``.  Other arguments as in ``BatchRenorm``.
+    """
+
+    def __init__(self, num_features: int, *, use_running_average: bool | None = False,
+                 axis: int = -1, momentum: float = 0.99, epsilon: float = 1e-3,
+                 dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
+                 use_bias: bool = True, use_scale: bool = True,
+                 bias_init: Initializer = nnx.initializers.zeros,
+                 scale_init: Initializer = nnx.initializers.ones,
+                 axis_name: str | None = None, axis_index_groups: Any = None,
+                 r_max: ScheduleLike = 3.0, d_max: ScheduleLike = 5.0,
+                 r_min: ScheduleLike | None = None, warmup_steps: int = 0,
+                 micro_batch: int | None = None,
+                 output_clip: tuple[float, float] | None = None,
+                 use_custom_vjp: bool = True, rngs: nnx.Rngs) -> None:
+        self.config = _renorm_config(axis, momentum, epsilon, r_max, d_max, r_min,
+                                     warmup_steps, micro_batch, output_clip)
+        shape = (num_features,)
+        fresh = _fresh_state(shape, param_dtype)
+        self.mean = nnx.BatchStat(fresh.mean)
+        self.std = nnx.BatchStat(fresh.std)
+        self.step = nnx.BatchStat(fresh.step)
+        self.scale = (nnx.Param(scale_init(rngs.params(), shape, param_dtype)) if use_scale
+                      else nnx.data(None))
+        self.bias = (nnx.Param(bias_init(rngs.params(), shape, param_dtype)) if use_bias
+                     else nnx.data(None))
+        self.num_features = num_features
+        self.use_running_average = use_running_average
+        self.dtype = dtype
+        self.axis_name = axis_name
+        self.axis_index_groups = axis_index_groups
+        self.use_custom_vjp = use_custom_vjp
+
+    def set_view(self, use_running_average: bool | None = None) -> None:
+        """Used by ``nnx.view``: switch between training and inference."""
+        if use_running_average is not None:
+            self.use_running_average = use_running_average
+
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+        """Normalize ``x``; in training, update the ``BatchStat`` state."""
+        if use_running_average is None:
+            use_running_average = self.use_running_average
+        if use_running_average is None:
+            raise ValueError("use_running_average must be given to NnxBatchRenorm at "
+                             "construction or call, or set with .train()/.eval()")
+        state = RenormState(self.mean[...], self.std[...], self.step[...])
+        scale = None if self.scale is None else self.scale[...]
+        bias = None if self.bias is None else self.bias[...]
+        y, new_state, finite = _normalize(
+            x, state, scale, bias, self.config, training=not use_running_average,
+            dtype=self.dtype, axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups, use_custom_vjp=self.use_custom_vjp)
+        if finite is not None:
+            self.mean[...], self.std[...], self.step[...] = new_state
+            if hasattr(self, "__captures__"):  # inside nnx.capture: sowing is supported
+                self.sow(nnx.Intermediate, "finite", finite, reduce_fn=_keep_latest)
+        return y
