@@ -31,6 +31,7 @@ __all__ = ["NumpyKernel"]
 
 _BLOCK_ELEMENTS = 1 << 17  # 512 KiB of float32: a block stays in L2 between passes
 _MAX_CONDITION = 16.0  # mean**2 / var above this and one-pass sums would lose digits
+_PARALLEL_ELEMENTS = 1 << 20  # below this, handing blocks to threads costs more than it saves
 _THREADS = min(4, os.cpu_count() or 1)
 _pool: ThreadPoolExecutor | None = None
 
@@ -49,10 +50,11 @@ def _canonical_shape(layout: Layout) -> tuple[int, int, int, int] | None:
             math.prod(layout.feature_shape), math.prod(shape[axes[-1] + 1:]))
 
 
-def _run(tasks: list[Task], work: Callable[[list[Task]], Any]) -> list[Any]:
-    """Split ``tasks`` into contiguous shares, one per thread when there is enough."""
+def _run(tasks: list[Task], work: Callable[[list[Task]], Any], elements: int) -> list[Any]:
+    """Split ``tasks`` into contiguous shares, one per thread when the ``elements`` they
+    cover are enough to pay for handing work to threads."""
     global _pool
-    shares = min(_THREADS, len(tasks))
+    shares = min(_THREADS, len(tasks)) if elements >= _PARALLEL_ELEMENTS else 1
     if shares < 2:
         return [work(tasks)]
     if _pool is None:
@@ -113,7 +115,7 @@ class _Canonical:
                 acc[0, task[0], task[2]] += first
                 acc[1, task[0], task[2]] += second
             return acc
-        total = sum(_run(self.tasks(self._reduction_block()), work))
+        total = sum(_run(self.tasks(self._reduction_block()), work, math.prod(self.shape)))
         return total.reshape(2, groups, 1, features, 1)
 
     def elementwise(self, out: np.ndarray,
@@ -128,7 +130,7 @@ class _Canonical:
             for task in share:
                 block = out4[task]
                 fill(task, block, scratch[:block.size].reshape(block.shape))
-        _run(tasks, work)
+        _run(tasks, work, out.size)
 
 
 def _at(a: np.ndarray, task: Task) -> np.ndarray:
