@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml requirements-test.txt
 
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -n 2 --dist loadgroup tests
+	$(PY) -m pytest -n 2 --dist loadgroup --pyargs tests portable_brn.conformance
 
 demo: $(STAMP)
 	$(VENV)/bin/portable-brn reproduce

@@ -63,8 +63,12 @@ class XlaKernel(GenericKernel):
     input's size and read back.  An ``optimization_barrier`` around each pass's small
     per-feature operands (a different tuple in each pass, so XLA cannot merge them)
     prevents both; the arithmetic is the generic kernel's.  Measured in
-    ``benchmarks/bench_jax.py``: a training step 1.3-1.5x faster on CPU.
+    ``benchmarks/bench_jax.py``: a training step 1.3-1.5x faster on CPU.  XLA's
+    reductions are tree-shaped, accurate in float32, and float64 may be disabled, so
+    sums stay in the input's dtype.
     """
+
+    wide_sums = False
 
     def affine(self, xp: Any, view: Any, scale: Any, shift: Any, dtype: Any,
                layout: Layout) -> Any:

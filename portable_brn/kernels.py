@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from typing import Any, Protocol
 
 from .layout import Layout
-from .moments import ReplicaMean, as_compute, view_moments
+from .moments import ReplicaMean, accumulator_dtype, as_compute, reduce_sum, view_moments
 
 __all__ = ["GenericKernel", "Kernel", "fast_kernels_disabled", "kernel_for", "register_kernel"]
 
@@ -43,11 +43,23 @@ class Kernel(Protocol):
 
 
 class GenericKernel:
-    """Every pass in plain Array API operations: runs on any conforming library."""
+    """Every pass in plain Array API operations: runs on any conforming library.
+
+    Sums of float32 data accumulate in float64 where the namespace has it
+    (``wide_sums``); a subclass for a library whose reductions are already accurate
+    (tree-shaped) and whose float64 is slow or absent may turn that off.
+    """
+
+    wide_sums = True
+
+    def _accumulator(self, xp: Any, dtype: Any) -> Any:
+        return accumulator_dtype(xp, dtype) if self.wide_sums else dtype
 
     def moments(self, xp: Any, view: Any, layout: Layout,
                 replica_mean: ReplicaMean) -> tuple[Any, Any]:
-        return view_moments(xp, as_compute(xp, view), layout, replica_mean)
+        view = as_compute(xp, view)
+        return view_moments(xp, view, layout, replica_mean,
+                            self._accumulator(xp, view.dtype))
 
     def affine(self, xp: Any, view: Any, scale: Any, shift: Any, dtype: Any,
                layout: Layout) -> Any:
@@ -57,10 +69,10 @@ class GenericKernel:
     def grad_sums(self, xp: Any, grad: Any, view: Any, mean: Any, inv_std: Any,
                   layout: Layout) -> tuple[Any, Any]:
         grad = as_compute(xp, grad)
-        axes = layout.reduce_axes
+        axes, accumulator = layout.reduce_axes, self._accumulator(xp, grad.dtype)
         centered = as_compute(xp, view) - mean
-        return (xp.sum(grad, axis=axes, keepdims=True),
-                xp.sum(grad * centered, axis=axes, keepdims=True))
+        return (reduce_sum(xp, grad, axes, accumulator),
+                reduce_sum(xp, grad * centered, axes, accumulator))
 
     def grad_input(self, xp: Any, grad: Any, view: Any, mean: Any, scale: Any, x_scale: Any,
                    shift: Any, dtype: Any, layout: Layout) -> Any:

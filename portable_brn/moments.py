@@ -15,7 +15,7 @@ from array_api_compat import array_namespace
 
 from .layout import Layout, make_layout
 
-__all__ = ["Moments", "compute_dtype", "merge_moments", "moments"]
+__all__ = ["Moments", "accumulator_dtype", "compute_dtype", "merge_moments", "moments"]
 
 ReplicaMean = Callable[[Any], Any] | None
 
@@ -39,19 +39,38 @@ def as_compute(xp: Any, x: Any) -> Any:
     return x if x.dtype == dtype else xp.astype(x, dtype)
 
 
-def view_moments(xp: Any, view: Any, layout: Layout,
-                 replica_mean: ReplicaMean = None) -> tuple[Any, Any]:
-    """Mean and biased variance of ``view`` over the reduced axes, keeping dims.
+def accumulator_dtype(xp: Any, dtype: Any) -> Any:
+    """float64 for sums of float32 data where the namespace has it, else ``dtype``.
+
+    Long float32 reductions (NumPy adds outer axes one by one) drift by more than the
+    SPEC's 1e-5 at channels-last sizes; a wide accumulator costs little on a CPU.
+    """
+    if dtype == xp.float32 and "float64" in xp.__array_namespace_info__().dtypes():
+        return xp.float64
+    return dtype
+
+
+def reduce_sum(xp: Any, array: Any, axes: tuple[int, ...], accumulator: Any) -> Any:
+    """Sum over ``axes`` (kept as size 1) in ``accumulator``, returned in the input's dtype."""
+    total = xp.sum(array, axis=axes, keepdims=True, dtype=accumulator)
+    return total if total.dtype == array.dtype else xp.astype(total, array.dtype)
+
+
+def view_moments(xp: Any, view: Any, layout: Layout, replica_mean: ReplicaMean = None,
+                 accumulator: Any = None) -> tuple[Any, Any]:
+    """Mean and biased variance of ``view`` over the reduced axes, keeping dims (two
+    passes, summed in ``accumulator``, default :func:`accumulator_dtype`).
 
     ``replica_mean`` averages a per-feature array over replicas of equal batch size, so
-    both moments become those of the global batch (two passes, exact).
+    both moments become those of the global batch.
     """
     axes = layout.reduce_axes
-    mean = xp.mean(view, axis=axes, keepdims=True)
+    accumulator = accumulator or accumulator_dtype(xp, view.dtype)
+    mean = reduce_sum(xp, view, axes, accumulator) / layout.count
     if replica_mean is not None:
         mean = replica_mean(mean)
     centered = view - mean
-    var = xp.mean(centered * centered, axis=axes, keepdims=True)
+    var = reduce_sum(xp, centered * centered, axes, accumulator) / layout.count
     if replica_mean is not None:
         var = replica_mean(var)
     return mean, var

@@ -1,22 +1,25 @@
-"""A faster kernel for NumPy: one-pass moments through BLAS, passes split over threads.
+"""A faster kernel for NumPy: BLAS reductions and blocked passes split over threads.
 
 NumPy ufuncs run on one core and make one pass per binary operation, so the generic
-kernel costs about 30 copies of the input per training step.  This kernel views the
-input as ``(groups, rows, features, cols)``, takes sums and sums of products with
-BLAS-backed ``matmul``/``vecdot`` (no full-size temporaries), and runs the elementwise
-passes on cache-sized blocks of rows, split between threads (ufuncs release the GIL).
+kernel costs about 20 copies of the input per training step.  This kernel views the
+input as ``(groups, rows, features, cols)``: sums and sums of products go through
+BLAS-backed ``matmul``/``vecdot`` with no full-size temporaries, short float32 partial
+sums accumulated in float64 (so long reductions stay within the SPEC's tolerances), and
+the elementwise passes run on cache-sized blocks.  Blocks are split between threads
+(ufuncs and BLAS release the GIL) when the array is large enough to pay for it.
 
-One-pass moments (``E[x^2] - E[x]^2``) lose digits when ``|mean|`` is large against
-the std; such inputs go to the exact two-pass generic kernel, so results stay within
-the SPEC's tolerances.  Anything else unusual (16-bit floats, feature axes that are not
-adjacent, replicas) goes there too.
+One-pass sums (``E[x^2] - E[x]^2``, ``sum(g x) - mean sum(g)``) lose digits when a
+feature's ``|mean|`` exceeds its std; those calls take a second pass over blocks centered
+on the mean in cache, which is exact to rounding whatever the offset.
+
+16-bit floats, feature axes that are not adjacent, and replicas go to the generic kernel.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from itertools import pairwise
 from typing import Any
@@ -30,7 +33,7 @@ from .moments import ReplicaMean
 __all__ = ["NumpyKernel"]
 
 _BLOCK_ELEMENTS = 1 << 17  # 512 KiB of float32: a block stays in L2 between passes
-_MAX_CONDITION = 16.0  # mean**2 / var above this and one-pass sums would lose digits
+_SUM_ROWS = 4096  # at most this many rows summed in float32 before going to float64
 _PARALLEL_ELEMENTS = 1 << 20  # below this, handing blocks to threads costs more than it saves
 _THREADS = min(4, os.cpu_count() or 1)
 _pool: ThreadPoolExecutor | None = None
@@ -64,17 +67,22 @@ def _run(tasks: list[Task], work: Callable[[list[Task]], Any], elements: int) ->
 
 
 def _row_sums(block: np.ndarray) -> np.ndarray:
-    """Per-feature sum over a ``(rows, features, cols)`` block, accumulated by BLAS."""
+    """Per-feature float64 sum over a ``(rows, features, cols)`` block."""
     if block.shape[2] == 1:
-        return np.ones(block.shape[0], block.dtype) @ block[:, :, 0]
-    return (block @ np.ones(block.shape[2], block.dtype)).sum(axis=0)
+        return (np.ones(block.shape[0], block.dtype) @ block[:, :, 0]).astype(np.float64)
+    return (block @ np.ones(block.shape[2], block.dtype)).sum(axis=0, dtype=np.float64)
 
 
-def _row_dots(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per-feature sum of ``a * b`` over a ``(rows, features, cols)`` block."""
+def _row_dots(a: np.ndarray, b: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+    """Per-feature float64 sum of ``a * b`` over a ``(rows, features, cols)`` block."""
     if a.shape[2] == 1:
-        return np.einsum("pf,pf->f", a[:, :, 0], b[:, :, 0])
-    return np.vecdot(a, b).sum(axis=0)
+        return _row_sums(np.multiply(a, b, out=scratch))
+    return np.vecdot(a, b).sum(axis=0, dtype=np.float64)
+
+
+def _at(a: np.ndarray, task: Task) -> np.ndarray:
+    """The part of a per-feature array, ``(groups or 1, 1, F, 1)``, that ``task`` uses."""
+    return a[task[0] if a.shape[0] > 1 else 0, :, task[2]]
 
 
 class _Canonical:
@@ -83,10 +91,12 @@ class _Canonical:
     def __init__(self, layout: Layout, shape: tuple[int, int, int, int]):
         self.layout, self.shape = layout, shape
 
-    def tasks(self, block_elements: int) -> list[Task]:
-        """Blocks of about ``block_elements``: rows first, features when a row is larger."""
+    def tasks(self, block_elements: int = _BLOCK_ELEMENTS,
+              max_rows: int | None = None) -> list[Task]:
+        """Blocks of about ``block_elements`` (and at most ``max_rows`` rows): whole rows
+        when they fit, slices of features when one row is larger."""
         groups, rows, features, cols = self.shape
-        row_step = max(1, block_elements // (features * cols))
+        row_step = max(1, min(block_elements // (features * cols), max_rows or rows))
         feature_step = max(1, block_elements // cols) if row_step == 1 else features
         return [(g, slice(r, min(r + row_step, rows)), slice(f, f + feature_step))
                 for g in range(groups) for r in range(0, rows, row_step)
@@ -100,42 +110,43 @@ class _Canonical:
         features = self.shape[2]
         return np.reshape(a, (a.size // features, 1, features, 1))
 
-    def _reduction_block(self) -> int:
-        """Reductions need no cache reuse: one large block per thread keeps calls few."""
-        return max(_BLOCK_ELEMENTS, math.prod(self.shape) // _THREADS)
+    def _scratch_blocks(self, share: list[Task], like: np.ndarray,
+                        ) -> Iterator[tuple[Task, np.ndarray]]:
+        """Each task of ``share`` with a scratch block of its shape (one buffer reused)."""
+        scratch = np.empty(like[share[0]].size, like.dtype)
+        for task in share:
+            size_like = like[task]
+            yield task, scratch[:size_like.size].reshape(size_like.shape)
 
-    def totals(self, block_sums: Callable[[Task], tuple[np.ndarray, np.ndarray]]) -> Any:
-        """Float64 per-group totals of two per-feature sums, ``(2, groups, 1, F, 1)``."""
+    def totals(self, like: np.ndarray,
+               block_sums: Callable[[Task, np.ndarray], tuple[np.ndarray, np.ndarray]],
+               *, in_cache: bool) -> Any:
+        """Float64 per-group totals of two per-feature block sums, ``(2, groups, 1, F, 1)``;
+        ``block_sums(task, scratch)`` gets a scratch block shaped like ``like[task]``.
+        Blocks are cache-sized when ``in_cache`` (the sums make a temporary), else one
+        large block per thread; float32 sums never run over more than ``_SUM_ROWS`` rows."""
         groups, _, features, _ = self.shape
 
-        def work(tasks: list[Task]) -> np.ndarray:
+        def work(share: list[Task]) -> np.ndarray:
             acc = np.zeros((2, groups, features))
-            for task in tasks:
-                first, second = block_sums(task)
+            for task, scratch in self._scratch_blocks(share, like):
+                first, second = block_sums(task, scratch)
                 acc[0, task[0], task[2]] += first
                 acc[1, task[0], task[2]] += second
             return acc
-        total = sum(_run(self.tasks(self._reduction_block()), work, math.prod(self.shape)))
+        block = _BLOCK_ELEMENTS if in_cache else max(_BLOCK_ELEMENTS, like.size // _THREADS)
+        total = sum(_run(self.tasks(block, _SUM_ROWS), work, like.size))
         return total.reshape(2, groups, 1, features, 1)
 
     def elementwise(self, out: np.ndarray,
                     fill: Callable[[Task, np.ndarray, np.ndarray], None]) -> None:
-        """``fill(task, out_block, scratch_block)`` on every block, in parallel; each
-        thread reuses one scratch buffer the size of a block."""
-        out4 = self.array(out)
-        tasks = self.tasks(_BLOCK_ELEMENTS)
+        """``fill(task, out_block, scratch_block)`` on every block, in parallel."""
 
         def work(share: list[Task]) -> None:
-            scratch = np.empty(out4[share[0]].size, out.dtype)
-            for task in share:
-                block = out4[task]
-                fill(task, block, scratch[:block.size].reshape(block.shape))
-        _run(tasks, work, out.size)
-
-
-def _at(a: np.ndarray, task: Task) -> np.ndarray:
-    """The part of a per-feature array, ``(groups or 1, 1, F, 1)``, that ``task`` uses."""
-    return a[task[0] if a.shape[0] > 1 else 0, :, task[2]]
+            for task, scratch in self._scratch_blocks(share, out4):
+                fill(task, out4[task], scratch)
+        out4 = self.array(out)
+        _run(self.tasks(), work, out.size)
 
 
 class NumpyKernel(GenericKernel):
@@ -157,14 +168,21 @@ class NumpyKernel(GenericKernel):
         canon = None if replica_mean is not None else self._canonical(layout, view)
         if canon is None:
             return super().moments(xp, view, layout, replica_mean)
-        x4 = canon.array(view)
-        sums, squares = canon.totals(lambda t: (_row_sums(x4[t]), _row_dots(x4[t], x4[t])))
-        mean = sums / layout.count
-        var = np.maximum(squares / layout.count - mean * mean, 0.0)
-        if np.any(mean * mean > _MAX_CONDITION * var):
-            return super().moments(xp, view, layout, replica_mean)
+        x4, count = canon.array(view), layout.count
+        total, squares = canon.totals(
+            x4, lambda t, s: (_row_sums(x4[t]), _row_dots(x4[t], x4[t], s)), in_cache=False)
+        mean = total / count
+        var = squares / count - mean * mean
+        if np.any(mean * mean > var):  # one pass lost digits: center on the mean
+            center = mean.astype(view.dtype)
+
+            def centered_sums(task: Task, scratch: np.ndarray) -> tuple[Any, Any]:
+                centered = np.subtract(x4[task], _at(center, task), out=scratch)
+                return _row_sums(centered), _row_dots(centered, centered, centered)
+            offset, squares = canon.totals(x4, centered_sums, in_cache=True) / count
+            mean, var = center + offset, squares - offset * offset
         return (mean.astype(view.dtype).reshape(layout.stat_shape),
-                var.astype(view.dtype).reshape(layout.stat_shape))
+                np.maximum(var, 0.0).astype(view.dtype).reshape(layout.stat_shape))
 
     def affine(self, xp: Any, view: Any, scale: Any, shift: Any, dtype: Any,
                layout: Layout) -> Any:
@@ -183,11 +201,19 @@ class NumpyKernel(GenericKernel):
     def grad_sums(self, xp: Any, grad: Any, view: Any, mean: Any, inv_std: Any,
                   layout: Layout) -> tuple[Any, Any]:
         canon = self._canonical(layout, grad, view, mean, inv_std)
-        if canon is None or np.any(np.square(mean * inv_std) > _MAX_CONDITION):
+        if canon is None:
             return super().grad_sums(xp, grad, view, mean, inv_std, layout)
-        g4, x4 = canon.array(grad), canon.array(view)
-        sum_g, sum_gx = canon.totals(lambda t: (_row_sums(g4[t]), _row_dots(g4[t], x4[t])))
-        sum_gc = sum_gx - canon.per_feature(mean).astype(np.float64) * sum_g
+        g4, x4, m = canon.array(grad), canon.array(view), canon.per_feature(mean)
+        if np.any(np.abs(mean * inv_std) > 1.0):  # sum(g x) - mean sum(g) would cancel
+            def block_sums(task: Task, scratch: np.ndarray) -> tuple[Any, Any]:
+                centered = np.subtract(x4[task], _at(m, task), out=scratch)
+                return _row_sums(g4[task]), _row_dots(g4[task], centered, centered)
+            sum_g, sum_gc = canon.totals(g4, block_sums, in_cache=True)
+        else:
+            sum_g, sum_gx = canon.totals(
+                g4, lambda t, s: (_row_sums(g4[t]), _row_dots(g4[t], x4[t], s)),
+                in_cache=False)
+            sum_gc = sum_gx - m * sum_g
         return (sum_g.astype(view.dtype).reshape(layout.stat_shape),
                 sum_gc.astype(view.dtype).reshape(layout.stat_shape))
 

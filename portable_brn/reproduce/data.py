@@ -50,18 +50,26 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
 
 
 def _npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    unreadable = (OSError, ValueError, EOFError, zipfile.BadZipFile)
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            if not isinstance(archive, np.lib.npyio.NpzFile):
-                raise ReproduceError(f"--data {path}: expected an .npz archive with arrays "
-                                     "'x' and 'y', got a single array")
-            missing = [key for key in ("x", "y") if key not in archive.files]
-            if missing:
-                raise ReproduceError(f"--data {path}: no array named {' or '.join(missing)!r} "
-                                     f"(found {sorted(archive.files)})")
+        archive = np.load(path, allow_pickle=False)
+    except OSError as error:
+        raise ReproduceError(f"--data {path}: cannot read it ({error.strerror or error})") from None
+    except unreadable:
+        raise ReproduceError(f"--data {path}: not an .npz archive of arrays") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ReproduceError(f"--data {path}: a single array, expected an .npz archive with "
+                             "arrays 'x' and 'y'")
+    with archive:
+        missing = [repr(key) for key in ("x", "y") if key not in archive.files]
+        if missing:
+            raise ReproduceError(f"--data {path}: no array {' or '.join(missing)} among "
+                                 f"{sorted(archive.files)}; expected 'x' (examples) and "
+                                 "'y' (labels)")
+        try:
             return archive["x"], archive["y"]
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-        raise ReproduceError(f"--data {path}: cannot read it as .npz ({error})") from None
+        except unreadable as error:
+            raise ReproduceError(f"--data {path}: cannot read x and y ({error})") from None
 
 
 def load_arrays(path: str | Path | None) -> tuple[str, np.ndarray, np.ndarray]:

@@ -1,0 +1,355 @@
+"""Backends that run the cases through the framework adapters instead of the bare core.
+
+Each adapter backend opens a *session* per case: a layer (or functional state) of the
+adapter, loaded with the case's initial state and parameters, offering
+``train(x, dy)`` and ``infer(x)`` that return host outputs named as in ``expected``.
+Adapters offer training and inference only, so cases with a deferred recurrent update
+or a recalibration do not apply to them.  A missing adapter module makes its backend
+skip with the reason "adapter not available"; the torch one also skips when the
+module's API is not the one it expects (see ``TorchModulesBackend``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from abc import ABC, abstractmethod
+from dataclasses import fields
+from typing import Any
+
+import numpy as np
+
+from .arrays import dtype_pair, to_numpy
+from .backends import QUICK_CASES, Backend, CoreBackend, Unavailable, quiet_nonfinite
+from .cases import Case, Outputs
+from .runner import core_config
+
+__all__ = ["AdapterBackend", "ArrayLayerBackend", "FlaxBackend", "JaxFunctionalBackend",
+           "TorchModulesBackend"]
+
+
+class Session(ABC):
+    """One case's layer: ``train`` and ``infer`` return host outputs."""
+
+    @abstractmethod
+    def train(self, x: np.ndarray, dy: np.ndarray) -> Outputs:
+        """A training step and its backward pass: y, dx, dweight, dbias and state."""
+
+    @abstractmethod
+    def infer(self, x: np.ndarray) -> Outputs:
+        """An inference call: y."""
+
+
+def _options(case: Case) -> dict[str, Any]:
+    """The case's ``RenormConfig`` fields as keyword arguments, ``feature_axis`` aside."""
+    config = core_config(case.config)
+    return {f.name: getattr(config, f.name) for f in fields(config) if f.name != "feature_axis"}
+
+
+class AdapterBackend(Backend):
+    """Runs a case's train and infer ops through a ``Session`` of ``module_name``."""
+
+    module_name: str
+
+    def load(self) -> None:
+        try:
+            self.module = importlib.import_module(self.module_name)
+        except ImportError as error:
+            raise Unavailable(f"adapter not available: {self.module_name} ({error})") from error
+
+    def supports(self, case: Case) -> str | None:
+        kinds = sorted({op.kind for op in case.ops} - {"train", "infer"})
+        return f"the adapter offers no {' or '.join(kinds)}" if kinds else None
+
+    @abstractmethod
+    def session(self, case: Case, dtype: str) -> Session:
+        """A fresh layer holding ``case``'s initial state and parameters."""
+
+    def run(self, case: Case, dtype: str) -> tuple[Outputs, ...]:
+        with self.context(), quiet_nonfinite(case):
+            layer = self.session(case, dtype)
+            return tuple(layer.train(op.xs[0], op.dys[0]) if op.kind == "train"
+                         else layer.infer(op.xs[0]) for op in case.ops)
+
+
+def _host(arrays: dict[str, Any]) -> Outputs:
+    return {name: to_numpy(a) for name, a in arrays.items() if a is not None}
+
+
+# ---------------------------------------------------------------------------
+# portable_brn.adapters.array: the stateful layer for plain arrays
+# ---------------------------------------------------------------------------
+
+
+class _ArrayLayerSession(Session):
+    def __init__(self, module: Any, base: CoreBackend, case: Case, dtype: str):
+        self.base = base
+        self.x_dtype, p_dtype = dtype_pair(base.xp, dtype)
+        shape = case.mean.shape
+        self.layer = module.BatchRenorm(
+            shape[0] if len(shape) == 1 else shape, feature_axis=case.config["feature_axis"],
+            affine=case.weight is not None, xp=base.xp, dtype=p_dtype, device=base.device,
+            **_options(case))
+        arrays = {"running_mean": case.mean, "running_std": case.std,
+                  "num_batches_tracked": np.asarray(case.step)}
+        if case.weight is not None:
+            arrays.update(weight=case.weight, bias=case.bias)
+        self.layer.load_state_dict(arrays)
+
+    def _state(self) -> dict[str, Any]:
+        state = self.layer.state
+        return {"mean": state.mean, "std": state.std, "step": state.step}
+
+    def train(self, x: np.ndarray, dy: np.ndarray) -> Outputs:
+        y = self.layer.forward(self.base.asarray(x, self.x_dtype), training=True)
+        dx = self.layer.backward(self.base.asarray(dy, self.x_dtype))
+        return _host({"y": y, "dx": dx, "dweight": self.layer.grad_weight,
+                      "dbias": self.layer.grad_bias, **self._state()})
+
+    def infer(self, x: np.ndarray) -> Outputs:
+        return _host({"y": self.layer.forward(self.base.asarray(x, self.x_dtype),
+                                              training=False)})
+
+
+class ArrayLayerBackend(AdapterBackend):
+    """``portable_brn.adapters.array.BatchRenorm`` on the namespace of a core backend."""
+
+    module_name = "portable_brn.adapters.array"
+
+    def __init__(self, base: CoreBackend):
+        self.base = base
+        self.name, self.dtypes = f"layer-{base.name}", base.dtypes
+        self.about = f"the array layer (adapters.array) on {base.about}"
+
+    def load(self) -> None:
+        if self.base.skip_reason:
+            raise Unavailable(self.base.skip_reason)
+        super().load()
+
+    def session(self, case: Case, dtype: str) -> Session:
+        return _ArrayLayerSession(self.module, self.base, case, dtype)
+
+
+# ---------------------------------------------------------------------------
+# portable_brn.adapters.jax and .flax: jit-compiled, gradients by jax.vjp
+# ---------------------------------------------------------------------------
+
+
+class _JaxSession(Session):
+    """Shared by the JAX adapters: arrays in and out, ``jax.jit`` on both calls."""
+
+    def __init__(self, dtype: str):
+        import jax
+        import jax.numpy as jnp
+        self.jax, self.jnp = jax, jnp
+        self.x_dtype, self.p_dtype = dtype_pair(jnp, dtype)
+
+    def put(self, array: np.ndarray | None, dtype: Any) -> Any:
+        return None if array is None else self.jnp.asarray(array, dtype=dtype)
+
+
+class _JaxFunctionalSession(_JaxSession):
+    def __init__(self, module: Any, case: Case, dtype: str, use_custom_vjp: bool):
+        super().__init__(dtype)
+        from portable_brn import RenormState
+        config = core_config(case.config)
+        self.state = RenormState(self.put(case.mean, self.p_dtype),
+                                 self.put(case.std, self.p_dtype),
+                                 self.jnp.asarray(case.step))
+        self.weight, self.bias = (self.put(case.weight, self.p_dtype),
+                                  self.put(case.bias, self.p_dtype))
+
+        def train(x: Any, state: Any, weight: Any, bias: Any, dy: Any) -> tuple:
+            def forward(x: Any, weight: Any, bias: Any) -> tuple:
+                out = module.renorm_train(x, state, weight, bias, config,
+                                          use_custom_vjp=use_custom_vjp)
+                return out.y, (out.state, out.finite)
+            y, pullback, (new_state, finite) = self.jax.vjp(forward, x, weight, bias,
+                                                            has_aux=True)
+            return (y, *pullback(dy)), new_state, finite
+
+        self.train_fn = self.jax.jit(train)
+        self.infer_fn = self.jax.jit(
+            lambda x, state, w, b: module.renorm_infer(x, state, w, b, config))
+
+    def train(self, x: np.ndarray, dy: np.ndarray) -> Outputs:
+        (y, dx, dweight, dbias), self.state, finite = self.train_fn(
+            self.put(x, self.x_dtype), self.state, self.weight, self.bias,
+            self.put(dy, self.x_dtype))
+        return _host({"y": y, "dx": dx, "dweight": dweight, "dbias": dbias,
+                      "mean": self.state.mean, "std": self.state.std,
+                      "step": self.state.step, "finite": finite})
+
+    def infer(self, x: np.ndarray) -> Outputs:
+        return _host({"y": self.infer_fn(self.put(x, self.x_dtype), self.state, self.weight,
+                                         self.bias)})
+
+
+class _JaxAdapterBackend(AdapterBackend):
+    """Common ground of the JAX adapters: x64 for the run, the quick case subset."""
+
+    dtypes = ("float64", "float32", "bfloat16")
+    quick_cases = QUICK_CASES
+
+    def load(self) -> None:
+        super().load()
+        import jax
+        self.jax = jax
+
+    def context(self) -> contextlib.AbstractContextManager:
+        return self.jax.enable_x64(True)
+
+
+class JaxFunctionalBackend(_JaxAdapterBackend):
+    """``portable_brn.adapters.jax.renorm_train``/``renorm_infer`` under ``jax.jit``,
+    differentiated with the core's backward (custom VJP) or by JAX autodiff."""
+
+    module_name = "portable_brn.adapters.jax"
+
+    def __init__(self, use_custom_vjp: bool):
+        self.use_custom_vjp = use_custom_vjp
+        self.name = "jax-adapter" + ("" if use_custom_vjp else "-autodiff")
+        self.about = ("adapters.jax, jit, " + ("custom VJP (the core's backward)"
+                                               if use_custom_vjp else "JAX autodiff"))
+
+    def session(self, case: Case, dtype: str) -> Session:
+        return _JaxFunctionalSession(self.module, case, dtype, self.use_custom_vjp)
+
+
+class _FlaxSession(_JaxSession):
+    def __init__(self, module: Any, case: Case, dtype: str):
+        super().__init__(dtype)
+        options = _options(case)
+        alpha = options.pop("momentum")
+        options["epsilon"] = options.pop("eps")
+        layer = module.BatchRenorm(
+            axis=case.config["feature_axis"], momentum=1.0 - alpha, param_dtype=self.p_dtype,
+            use_scale=case.weight is not None, use_bias=case.bias is not None, **options)
+        self.params = {name: self.put(value, self.p_dtype) for name, value in
+                       (("scale", case.weight), ("bias", case.bias)) if value is not None}
+        self.stats = {"mean": self.put(case.mean, self.p_dtype),
+                      "std": self.put(case.std, self.p_dtype),
+                      "step": self.jnp.asarray(case.step)}
+
+        def train(params: dict, stats: dict, x: Any, dy: Any) -> tuple:
+            def forward(x: Any, params: dict) -> tuple:
+                return layer.apply({"params": params, "batch_stats": stats}, x,
+                                   use_running_average=False,
+                                   mutable=["batch_stats", "intermediates"])
+            y, pullback, updates = self.jax.vjp(forward, x, params, has_aux=True)
+            dx, dparams = pullback(dy.astype(y.dtype))  # Flax promotes y to the params dtype
+            return y, dx, dparams, updates["batch_stats"], updates["intermediates"]["finite"]
+
+        self.train_fn = self.jax.jit(train)
+        self.infer_fn = self.jax.jit(lambda params, stats, x: layer.apply(
+            {"params": params, "batch_stats": stats}, x, use_running_average=True))
+
+    def train(self, x: np.ndarray, dy: np.ndarray) -> Outputs:
+        y, dx, dparams, self.stats, finite = self.train_fn(
+            self.params, self.stats, self.put(x, self.x_dtype), self.put(dy, self.x_dtype))
+        return _host({"y": y, "dx": dx, "dweight": dparams.get("scale"),
+                      "dbias": dparams.get("bias"), **self.stats, "finite": finite})
+
+    def infer(self, x: np.ndarray) -> Outputs:
+        return _host({"y": self.infer_fn(self.params, self.stats, self.put(x, self.x_dtype))})
+
+
+class FlaxBackend(_JaxAdapterBackend):
+    """``portable_brn.adapters.flax.BatchRenorm`` (linen) under ``jax.jit``: momentum
+    given as Flax's decay ``1 - alpha``, state in ``batch_stats``, gradients by
+    ``jax.vjp`` of ``apply``."""
+
+    module_name = "portable_brn.adapters.flax"
+    name = "flax-linen"
+    about = "adapters.flax BatchRenorm (linen), jit"
+
+    def session(self, case: Case, dtype: str) -> Session:
+        return _FlaxSession(self.module, case, dtype)
+
+
+# ---------------------------------------------------------------------------
+# portable_brn.adapters.torch: BatchRenorm1d/2d/3d modules, autograd
+# ---------------------------------------------------------------------------
+
+
+class _TorchModuleSession(Session):
+    def __init__(self, module: Any, case: Case, dtype: str):
+        import torch
+        self.torch = torch
+        self.x_dtype = getattr(torch, dtype)
+        p_dtype = self.x_dtype if dtype in ("float64", "float32") else torch.float32
+        ndim = case.ops[0].xs[0].ndim
+        cls = getattr(module, {2: "BatchRenorm1d", 3: "BatchRenorm1d", 4: "BatchRenorm2d",
+                               5: "BatchRenorm3d"}[ndim])
+        self.layer = cls(case.mean.shape[0], affine=case.weight is not None, dtype=p_dtype,
+                         **_options(case))
+        with torch.no_grad():
+            self.layer.running_mean.copy_(torch.from_numpy(case.mean))
+            self.layer.running_std.copy_(torch.from_numpy(case.std))
+            self.layer.num_batches_tracked.fill_(case.step)
+            if case.weight is not None:
+                self.layer.weight.copy_(torch.from_numpy(case.weight))
+                self.layer.bias.copy_(torch.from_numpy(case.bias))
+
+    def _put(self, array: np.ndarray, grad: bool = False) -> Any:
+        return self.torch.tensor(array, dtype=self.x_dtype, requires_grad=grad)
+
+    def train(self, x: np.ndarray, dy: np.ndarray) -> Outputs:
+        layer = self.layer.train()
+        for param in layer.parameters():
+            param.grad = None
+        x = self._put(x, grad=True)
+        y = layer(x)
+        y.backward(self._put(dy))
+        weight, bias = (getattr(layer, "weight", None), getattr(layer, "bias", None))
+        return _host({"y": y, "dx": x.grad,
+                      "dweight": None if weight is None else weight.grad,
+                      "dbias": None if bias is None else bias.grad,
+                      "mean": layer.running_mean, "std": layer.running_std,
+                      "step": layer.num_batches_tracked})
+
+    def infer(self, x: np.ndarray) -> Outputs:
+        with self.torch.no_grad():
+            return _host({"y": self.layer.eval()(self._put(x))})
+
+
+class TorchModulesBackend(AdapterBackend):
+    """``portable_brn.adapters.torch.BatchRenorm1d/2d/3d`` with autograd.
+
+    Expects torch's conventions: ``(num_features, eps=, momentum=, affine=, dtype=,
+    r_max=, d_max=, r_min=, warmup_steps=, micro_batch=, output_clip=)`` with
+    ``momentum`` the weight of the new value, buffers ``running_mean``, ``running_std``
+    and ``num_batches_tracked``; features on axis 1 only.
+    """
+
+    module_name = "portable_brn.adapters.torch"
+    name = "torch-modules"
+    about = "adapters.torch BatchRenorm1d/2d/3d, autograd"
+    dtypes = ("float64", "float32", "bfloat16")
+
+    def load(self) -> None:
+        super().load()
+        missing = [n for n in ("BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d")
+                   if not hasattr(self.module, n)]
+        if missing:
+            raise Unavailable(f"adapter API differs: {self.module_name} has no {missing}")
+        try:
+            probe = self.module.BatchRenorm1d(2, r_max=2.0, d_max=1.0, r_min=None,
+                                              warmup_steps=0, micro_batch=None,
+                                              output_clip=None)
+        except TypeError as error:
+            raise Unavailable(f"adapter API differs: {error}") from error
+        absent = [n for n in ("running_mean", "running_std", "num_batches_tracked")
+                  if not hasattr(probe, n)]
+        if absent:
+            raise Unavailable(f"adapter API differs: BatchRenorm1d has no buffer {absent}")
+
+    def supports(self, case: Case) -> str | None:
+        axis = case.config["feature_axis"]
+        ndim = case.ops[0].xs[0].ndim
+        if isinstance(axis, tuple) or axis % ndim != 1 or not 2 <= ndim <= 5:
+            return "torch modules take features on axis 1 of a rank 2 to 5 input"
+        return super().supports(case)
+
+    def session(self, case: Case, dtype: str) -> Session:
+        return _TorchModuleSession(self.module, case, dtype)
