@@ -22,7 +22,9 @@ def test_wheel_holds_adapters_and_conformance_inside_the_package(tmp_path) -> No
     tops = {name.split("/")[0] for name in names}
     assert "adapters" not in tops and "conformance" not in tops
     for module in ("portable_brn/__init__.py", "portable_brn/adapters/array.py",
-                   "portable_brn/conformance/reference.py", "portable_brn/renorm.py"):
+                   "portable_brn/conformance/reference.py", "portable_brn/renorm.py",
+                   "portable_brn/conformance/golden.npz", "portable_brn/reproduce/cli.py",
+                   "portable_brn/reproduce/backends/numpy.py"):
         assert module in names, module
     assert not any(name.startswith("tests/") for name in names)
 

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
 from .backends import BACKENDS, load_backend
-from .data import load_dataset
+from .data import Dataset, load_dataset
 from .errors import ReproduceError, require
-from .experiment import Settings, run_experiment
+from .experiment import FINAL_FRACTION, Run, Settings, run_experiment
 from .methods import METHODS
 from .plot import plot_accuracy
 from .regimes import REGIMES
@@ -36,13 +37,14 @@ class _Parser(argparse.ArgumentParser):
         raise ReproduceError(message)
 
 
-def _count(minimum: int):
+def _integer(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: an int of at least ``minimum``."""
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            value = minimum - 1
-        if value < minimum:
+            value = None
+        if value is None or value < minimum:
             raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
         return value
     return parse
@@ -55,12 +57,12 @@ def _parser() -> _Parser:
                                  "and compare held-out accuracy in inference mode.")
     parser.add_argument("--backend", default="numpy", metavar="NAME",
                         help=f"one of {', '.join(BACKENDS)} (default: numpy)")
-    parser.add_argument("--steps", type=_count(1), default=_DEFAULTS.steps,
+    parser.add_argument("--steps", type=_integer(1), default=_DEFAULTS.steps,
                         help=f"training steps per run (default: {_DEFAULTS.steps})")
-    parser.add_argument("--seed", type=_count(0), default=_DEFAULTS.seed,
+    parser.add_argument("--seed", type=_integer(0), default=_DEFAULTS.seed,
                         help=f"seed of split, initial weights and batches "
                              f"(default: {_DEFAULTS.seed})")
-    parser.add_argument("--eval-every", type=_count(1), default=_DEFAULTS.eval_every,
+    parser.add_argument("--eval-every", type=_integer(1), default=_DEFAULTS.eval_every,
                         metavar="N", help=f"evaluate on held-out data every N steps "
                                           f"(default: {_DEFAULTS.eval_every})")
     parser.add_argument("--data", metavar="PATH",
@@ -82,22 +84,28 @@ def _reproduce(args: argparse.Namespace) -> None:
     try:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise ReproduceError(f"--out {args.out}: cannot create it ({error.strerror})") from None
+        raise ReproduceError(f"--out {args.out}: cannot create it "
+                             f"({error.strerror or error})") from None
 
     total = settings.steps * len(REGIMES) * len(METHODS)
     with tqdm(total=total, file=sys.stderr, unit="step") as progress:
         runs = run_experiment(build, data, settings, progress)
+    _report(runs, settings, args.backend, data, args.out)
 
-    table = format_table(runs)
-    heading = f"held-out accuracy, backend {args.backend}, {data.describe()}"
-    paths = {"table": args.out / "table.txt", "plot": args.out / "accuracy.png",
-             "json": args.out / "results.json"}
-    paths["table"].write_text(f"{heading}\n\n{table}\n")
-    plot_accuracy(runs, paths["plot"], f"Batch norm vs Batch Renormalization "
-                                       f"({args.backend}, {data.name})")
-    write_json(paths["json"], results(runs, settings, args.backend, data))
-    print(f"{heading}\n\n{table}\n")
-    print("wrote " + ", ".join(str(path) for path in paths.values()))
+
+def _report(runs: list[Run], settings: Settings, backend: str, data: Dataset,
+            out: Path) -> None:
+    """Print the table; write it, the plot and the JSON into ``out``."""
+    heading = (f"backend {backend}, {data.describe()}\nheld-out accuracy in inference "
+               f"mode, mean of the evaluations in the last {FINAL_FRACTION:.0%} of the steps")
+    table = f"{heading}\n\n{format_table(runs)}\n"
+    paths = [out / "table.txt", out / "accuracy.png", out / "results.json"]
+    paths[0].write_text(table)
+    plot_accuracy(runs, paths[1], f"Batch norm vs Batch Renormalization ({backend}, "
+                                  f"{data.name})")
+    write_json(paths[2], results(runs, settings, backend, data))
+    print(table)
+    print("wrote " + ", ".join(str(path) for path in paths))
 
 
 def main(argv: list[str]) -> int:

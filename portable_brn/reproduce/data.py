@@ -92,14 +92,13 @@ def load_arrays(path: str | Path | None) -> tuple[str, np.ndarray, np.ndarray]:
 def split(name: str, x: np.ndarray, y: np.ndarray, seed: int) -> Dataset:
     """Shuffle by ``seed``, hold out ``HELD_OUT_FRACTION``, standardize with training stats."""
     classes, labels = np.unique(y, return_inverse=True)
-    if len(classes) < 2:
-        raise ReproduceError(f"--data: y must hold at least 2 labels, got {len(classes)}")
     order = np.random.default_rng(seed).permutation(len(y))
     held_out = max(1, round(HELD_OUT_FRACTION * len(y)))
     test, train = order[:held_out], order[held_out:]
-    if len(train) < 2:
-        raise ReproduceError(f"--data: {len(y)} examples are too few to hold out "
-                             f"{HELD_OUT_FRACTION:.0%} and train on the rest")
+    trained_on = len(np.unique(labels[train]))
+    if trained_on < 2:
+        raise ReproduceError(f"--data: the training split needs examples of at least 2 "
+                             f"labels, got {trained_on} ({len(y)} examples in all)")
     mean = x[train].mean(axis=0)
     std = x[train].std(axis=0)
     std = np.where(std > 0, std, 1.0)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .data import Dataset
-from .experiment import Run, Settings
+from .experiment import FINAL_FRACTION, Run, Settings
 from .methods import METHODS
 from .regimes import REGIMES
 
@@ -29,17 +29,22 @@ def table_rows(runs: list[Run]) -> list[dict[str, Any]]:
     return rows
 
 
+def _aligned(cells: list[str], widths: list[int]) -> str:
+    """The first cell left-aligned, the others right-aligned, two spaces apart."""
+    first, *numbers = cells
+    return "  ".join([first.ljust(widths[0]),
+                      *(cell.rjust(width) for cell, width in zip(numbers, widths[1:],
+                                                                 strict=True))])
+
+
 def format_table(runs: list[Run]) -> str:
     """The rows as aligned plain text, accuracies in percent."""
-    cells = [list(_COLUMNS)]
+    lines = [list(_COLUMNS)]
     for row in table_rows(runs):
-        cells.append([row["regime"], *(f"{row[m.title]:.1%}" for m in METHODS),
+        lines.append([row["regime"], *(f"{row[m.title]:.1%}" for m in METHODS),
                       str(row["steps"]), f"{row['seconds']:.1f}"])
-    widths = [max(len(line[i]) for line in cells) for i in range(len(_COLUMNS))]
-    return "\n".join("  ".join([line[0].ljust(widths[0])]
-                               + [cell.rjust(width) for cell, width in zip(line[1:], widths[1:],
-                                                                           strict=True)])
-                     for line in cells)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(_COLUMNS))]
+    return "\n".join(_aligned(line, widths) for line in lines)
 
 
 def _jsonable(value: Any) -> Any:
@@ -53,6 +58,8 @@ def results(runs: list[Run], settings: Settings, backend: str, data: Dataset) ->
         "backend": backend,
         "data": data.describe(),
         "settings": dataclasses.asdict(settings),
+        "final_accuracy": f"mean held-out accuracy of the evaluations in the last "
+                          f"{FINAL_FRACTION:.0%} of the steps, in inference mode",
         "normalization": {
             method.key: {name: _jsonable(value)
                          for name, value in method.options(settings.steps, None).items()

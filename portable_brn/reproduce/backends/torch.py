@@ -8,6 +8,8 @@ is built, never when this module is.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -15,6 +17,22 @@ import numpy as np
 from . import NetworkSpec
 
 __all__ = ["TorchNetwork", "build"]
+
+
+@contextmanager
+def _one_thread(torch: Any) -> Iterator[None]:
+    """Run torch on one intra-op thread, then restore the caller's setting.
+
+    A network this small gains nothing from threads, and on a busy machine their
+    barriers each wait for a scheduler time slice: measured on 2 shared cores, training
+    steps of 0.25 s instead of 0.6 ms.  Restoring keeps the caller's process as it was.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 class TorchNetwork:
@@ -43,17 +61,19 @@ class TorchNetwork:
     def train_step(self, x: np.ndarray, y: np.ndarray) -> None:
         """One SGD step on the mean cross-entropy, normalization in training mode."""
         torch = self._torch
-        self.model.train()
-        self.optimizer.zero_grad()
-        logits = self.model(torch.from_numpy(x))
-        torch.nn.functional.cross_entropy(logits, torch.from_numpy(y)).backward()
-        self.optimizer.step()
+        with _one_thread(torch):
+            self.model.train()
+            self.optimizer.zero_grad()
+            logits = self.model(torch.from_numpy(x))
+            torch.nn.functional.cross_entropy(logits, torch.from_numpy(y)).backward()
+            self.optimizer.step()
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Labels from the network in ``eval()`` mode (moving statistics)."""
+        torch = self._torch
         self.model.eval()
-        with self._torch.no_grad():
-            return self.model(self._torch.from_numpy(x)).argmax(dim=1).numpy()
+        with _one_thread(torch), torch.no_grad():
+            return self.model(torch.from_numpy(x)).argmax(dim=1).numpy()
 
 
 def build(spec: NetworkSpec) -> TorchNetwork:
