@@ -25,7 +25,7 @@ conformance: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -c requirements-test.txt -e '.[$(EXTRAS),bench]'
-	$(PY) benchmarks/run.py
+	for script in benchmarks/bench_*.py; do $(PY) $$script || exit 1; done
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
