@@ -18,8 +18,8 @@ from .layout import Layout, make_layout
 from .moments import Moments, ReplicaMean, compute_dtype, merge_moments
 from .state import RenormState
 
-__all__ = ["Residuals", "backward", "deferred_update", "forward_infer", "forward_train",
-           "update_state"]
+__all__ = ["Residuals", "backward", "clip_limits", "deferred_update", "forward_infer",
+           "forward_train", "update_state"]
 
 
 class Residuals(NamedTuple):
@@ -83,20 +83,36 @@ def _fold_affine(scale: Any, shift: Any, weight: Any, bias: Any) -> tuple[Any, A
     return scale, shift
 
 
-def corrections(xp: Any, batch_mean: Any, batch_std: Any, mean: Any, std: Any, step: Any,
-                config: RenormConfig) -> tuple[Any, Any]:
-    """The clipped r and d of Algorithm 1, with warm-up (r = 1, d = 0 while t < warmup)."""
-    step_value = xp.astype(step, batch_std.dtype)
-    r_max = _schedule_value(xp, config.r_max, step_value)
-    d_max = _schedule_value(xp, config.d_max, step_value)
-    r_min = (1.0 / r_max if config.r_min is None
-             else _schedule_value(xp, config.r_min, step_value))
-    r = xp.minimum(xp.maximum(batch_std / std, r_min), r_max)
-    d = xp.minimum(xp.maximum((batch_mean - mean) / std, -d_max), d_max)
+def clip_limits(config: RenormConfig, step: Any, dtype: Any) -> tuple[Any, Any, Any]:
+    """``(r_min, r_max, d_max)`` at step ``t``, with warm-up folded in (r in [1, 1] and d in
+    [0, 0] while ``t < warmup_steps``).
+
+    Python floats when nothing depends on the step, so the common case costs no array
+    operation; 0-d arrays of ``dtype`` otherwise (no Python branch on a value: traceable).
+    """
+    schedules = (config.r_max, config.d_max, config.r_min)
+    if not config.warmup_steps and not any(callable(s) for s in schedules):
+        r_max = float(config.r_max)
+        r_min = 1.0 / r_max if config.r_min is None else float(config.r_min)
+        return r_min, r_max, float(config.d_max)
+    xp = namespace_of(step=step)
+    t = xp.astype(step, dtype)
+    r_max, d_max = _schedule_value(xp, config.r_max, t), _schedule_value(xp, config.d_max, t)
+    r_min = 1.0 / r_max if config.r_min is None else _schedule_value(xp, config.r_min, t)
     if config.warmup_steps:
         warm = step < config.warmup_steps
-        r = xp.where(warm, xp.ones_like(r), r)
-        d = xp.where(warm, xp.zeros_like(d), d)
+        one, zero = xp.ones_like(t), xp.zeros_like(t)
+        r_min, r_max = xp.where(warm, one, r_min), xp.where(warm, one, r_max)
+        d_max = xp.where(warm, zero, d_max)
+    return r_min, r_max, d_max
+
+
+def corrections(xp: Any, batch_mean: Any, batch_std: Any, mean: Any, std: Any, step: Any,
+                config: RenormConfig) -> tuple[Any, Any]:
+    """The clipped r and d of Algorithm 1 (r = 1, d = 0 during warm-up)."""
+    r_min, r_max, d_max = clip_limits(config, step, batch_std.dtype)
+    r = xp.clip(batch_std / std, r_min, r_max)
+    d = xp.clip((batch_mean - mean) / std, -d_max, d_max)
     return r, d
 
 

@@ -1,0 +1,307 @@
+"""The PyTorch layers as drop-ins for ``torch.nn.BatchNorm*``: construction, buffers,
+modes, state dicts, bad input, and how they work with the rest of PyTorch."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import torch.nn.functional as F  # noqa: E402
+from test_torch_support import (  # noqa: E402
+    BOUND,
+    assert_same_state,
+    batch,
+    is_close,
+    random_affine,
+    state_of,
+)
+
+from portable_brn import schedules  # noqa: E402
+from portable_brn.adapters.torch import (  # noqa: E402
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    SyncBatchRenorm,
+    _BatchRenorm,
+)
+
+LAYERS = [(BatchRenorm1d, (4, 3)), (BatchRenorm1d, (4, 3, 5)), (BatchRenorm2d, (4, 3, 2, 2)),
+          (BatchRenorm3d, (2, 3, 2, 2, 2)), (SyncBatchRenorm, (4, 3, 2))]
+
+
+def _train(layer, steps=3, shape=(4, 3, 2, 2), **batch_options):
+    """A few training steps with ``batch``'s drifting data; returns the last output."""
+    layer.train()
+    for step in range(steps):
+        y = layer(batch(step, shape, layer.running_mean.dtype, **batch_options))
+    return y
+
+
+# -- construction ------------------------------------------------------------------
+
+
+def test_defaults_follow_the_paper_and_batch_norm():
+    layer = BatchRenorm2d(5)
+    assert isinstance(layer, _BatchRenorm)
+    assert (layer.eps, layer.momentum, layer.affine, layer.track_running_stats) == (
+        1e-3, 0.01, True, True)
+    assert (layer.config.r_max, layer.config.d_max, layer.config.r_min) == (3.0, 5.0, None)
+    assert torch.equal(layer.weight, torch.ones(5)) and torch.equal(layer.bias, torch.zeros(5))
+    assert torch.equal(layer.running_mean, torch.zeros(5))
+    assert torch.equal(layer.running_std, torch.ones(5))
+    assert layer.num_batches_tracked.dtype == torch.long and int(layer.num_batches_tracked) == 0
+    assert list(layer.state_dict()) == ["weight", "bias", "running_mean", "running_std",
+                                        "num_batches_tracked"]
+
+
+def test_factory_arguments_and_options():
+    layer = BatchRenorm1d(3, dtype=torch.float64, device="cpu", r_max=2.0, d_max=1.0,
+                          r_min=0.25, warmup_steps=7, micro_batch=2, output_clip=(-1, 1))
+    assert layer.weight.dtype == layer.running_std.dtype == torch.float64
+    c = layer.config
+    assert (c.r_max, c.d_max, c.r_min, c.warmup_steps, c.micro_batch, c.output_clip) == (
+        2.0, 1.0, 0.25, 7, 2, (-1.0, 1.0))
+
+
+@pytest.mark.parametrize(("options", "error", "name"), [
+    ({"eps": 0.0}, ValueError, "eps"),
+    ({"eps": -1e-3}, ValueError, "eps"),
+    ({"momentum": 0.0}, ValueError, "momentum"),
+    ({"momentum": 1.5}, ValueError, "momentum"),
+    ({"momentum": None}, TypeError, "momentum"),
+    ({"r_max": 0.5}, ValueError, "r_max"),
+    ({"d_max": -1.0}, ValueError, "d_max"),
+    ({"r_min": 0.0}, ValueError, "r_min"),
+    ({"r_min": 1.5}, ValueError, "r_min"),
+    ({"warmup_steps": -1}, ValueError, "warmup_steps"),
+    ({"micro_batch": 0}, ValueError, "micro_batch"),
+    ({"output_clip": (1.0, -1.0)}, ValueError, "output_clip"),
+    ({"num_features": 0}, ValueError, "num_features"),
+    ({"num_features": 2.5}, TypeError, "num_features"),
+])
+def test_invalid_hyperparameters_name_the_argument(options, error, name):
+    options = {"num_features": 3, **options}
+    with pytest.raises(error, match=name):
+        BatchRenorm2d(**options)
+
+
+def test_eps_and_momentum_are_settable_and_validated():
+    layer = BatchRenorm2d(2)
+    layer.momentum = 0.1
+    layer.eps = 1e-5
+    assert (layer.config.momentum, layer.config.eps) == (0.1, 1e-5)
+    with pytest.raises(ValueError, match="momentum"):
+        layer.momentum = 2.0
+    assert layer.momentum == 0.1
+
+
+def test_extra_repr_shows_the_options():
+    text = repr(BatchRenorm2d(4, momentum=0.1, warmup_steps=3, output_clip=(-2, 2)))
+    for part in ("BatchRenorm2d(4", "eps=0.001", "momentum=0.1", "affine=True",
+                 "track_running_stats=True", "r_max=3.0", "d_max=5.0", "warmup_steps=3",
+                 "output_clip=(-2.0, 2.0)"):
+        assert part in text
+    assert "micro_batch" not in text
+
+
+# -- modes and state -----------------------------------------------------------------
+
+
+def test_train_moves_the_state_and_eval_uses_it():
+    layer = random_affine(BatchRenorm2d(3, dtype=torch.float64, momentum=0.5))
+    _train(layer)
+    assert int(layer.num_batches_tracked) == 3
+    before = state_of(layer)
+    layer.eval()
+    x = batch(9, (4, 3, 2, 2), torch.float64)
+    view = (1, 3, 1, 1)
+    expected = ((x - layer.running_mean.view(view)) / layer.running_std.view(view)
+                * layer.weight.view(view) + layer.bias.view(view))
+    assert is_close(layer(x), expected, 1e-13)
+    assert_same_state(before, layer)
+
+
+def test_reset_running_stats_and_parameters():
+    layer = random_affine(BatchRenorm2d(3, momentum=0.5))
+    _train(layer)
+    layer.reset_running_stats()
+    assert int(layer.num_batches_tracked) == 0
+    assert torch.equal(layer.running_std, torch.ones(3))
+    assert not torch.equal(layer.weight, torch.ones(3))
+    layer.reset_parameters()
+    assert torch.equal(layer.weight, torch.ones(3)) and torch.equal(layer.bias, torch.zeros(3))
+
+
+@pytest.mark.parametrize("options", [{}, {"output_clip": (-10.0, 10.0)}], ids=["native", "core"])
+def test_without_running_stats_it_is_batch_norm_in_both_modes(options):
+    """track_running_stats=False: batch statistics always, r = 1 and d = 0."""
+    layer = random_affine(BatchRenorm2d(3, track_running_stats=False, dtype=torch.float64,
+                                        **options))
+    native = torch.nn.BatchNorm2d(3, eps=1e-3, track_running_stats=False, dtype=torch.float64)
+    native.load_state_dict(layer.state_dict())
+    assert layer.running_mean is None and layer.num_batches_tracked is None
+    assert "running_std" not in layer.state_dict()
+    for training in (True, False):
+        layer.train(training)
+        native.train(training)
+        x = batch(0, (4, 3, 2, 2), torch.float64)
+        xs = [x.clone().requires_grad_(True) for _ in range(2)]
+        grad = torch.randn_like(x)
+        layer(xs[0]).backward(grad)
+        expected = native(xs[1])
+        expected.backward(grad)
+        assert is_close(layer(x), expected, 1e-12)
+        assert is_close(xs[0].grad, xs[1].grad, 1e-12)
+        assert is_close(layer.weight.grad, native.weight.grad, 1e-12)
+
+
+def test_state_dict_round_trips_through_torch_save_and_restores_the_step():
+    options = {"warmup_steps": 4, "r_max": schedules.linear(1.0, 3.0, 4, 10), "momentum": 0.3}
+    layer = random_affine(BatchRenorm2d(3, **options))
+    _train(layer, steps=6)
+    buffer = io.BytesIO()
+    torch.save(layer.state_dict(), buffer)
+    buffer.seek(0)
+    loaded = BatchRenorm2d(3, **options)
+    loaded.load_state_dict(torch.load(buffer, weights_only=True))
+    assert int(loaded.num_batches_tracked) == 6
+    x = batch(6, (4, 3, 2, 2), torch.float32)
+    assert torch.equal(loaded(x), layer(x))  # same step: past warm-up, same r_max
+    assert_same_state(state_of(layer), loaded)
+
+
+# -- bad input: a clear error and no state change --------------------------------------
+
+
+@pytest.mark.parametrize(("layer_class", "good_shape"), LAYERS)
+def test_wrong_rank_raises_like_batch_norm(layer_class, good_shape):
+    layer = layer_class(3)
+    before = state_of(layer)
+    bad = torch.randn(3) if layer_class is not BatchRenorm1d else torch.randn(2, 3, 2, 2)
+    with pytest.raises(ValueError, match=r"expected .*D input \(got \dD input\)"):
+        layer(bad)
+    assert_same_state(before, layer)
+    assert layer(torch.randn(good_shape)).shape == good_shape
+
+
+@pytest.mark.parametrize(("x", "error", "match"), [
+    (torch.ones(4, 3, 2, 2, dtype=torch.int64), TypeError, "floating point dtype"),
+    (torch.ones(4, 3, 2, 2, dtype=torch.bool), TypeError, "floating point dtype"),
+    (torch.ones(4, 3, 2, 2, dtype=torch.complex64), TypeError, "floating point dtype"),
+    (torch.ones(4, 5, 2, 2), ValueError, "5 features along dim 1 .*num_features=3"),
+    (torch.ones(1, 3, 1, 1), ValueError, "more than 1 value per channel"),
+    (torch.ones(5, 3, 2, 2).numpy(), TypeError, "input must be a torch.Tensor"),
+])
+@pytest.mark.parametrize("options", [{}, {"micro_batch": 1, "output_clip": (-1, 1)}],
+                         ids=["native", "core"])
+def test_bad_input_raises_and_leaves_the_state(x, error, match, options):
+    layer = BatchRenorm2d(3, **options)
+    _train(layer, steps=1)
+    before = state_of(layer)
+    with pytest.raises(error, match=match):
+        layer(x)
+    assert_same_state(before, layer)
+
+
+def test_micro_batch_that_does_not_divide_the_batch_raises_and_leaves_the_state():
+    layer = BatchRenorm2d(3, micro_batch=3)
+    before = state_of(layer)
+    with pytest.raises(ValueError, match="micro_batch=3 does not divide the batch size 4"):
+        layer(torch.randn(4, 3, 2, 2))
+    assert_same_state(before, layer)
+
+
+def test_input_on_another_device_raises():
+    layer = BatchRenorm2d(3, device="meta")
+    with pytest.raises(ValueError, match=r"input is on cpu .* on meta"):
+        layer(torch.randn(4, 3, 2, 2))
+
+
+@pytest.mark.parametrize("options", [{}, {"micro_batch": 2}], ids=["native", "core"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_batch_never_poisons_the_running_statistics(options, bad):
+    layer = BatchRenorm2d(3, momentum=0.5, **options)
+    _train(layer, steps=2)
+    before = state_of(layer)
+    x = torch.randn(4, 3, 2, 2)
+    x[1, 1, 0, 0] = bad
+    layer(x)
+    assert layer.last_finite.tolist() == [True, False, True]
+    assert torch.equal(layer.running_mean[1], before["running_mean"][1])
+    assert torch.equal(layer.running_std[1], before["running_std"][1])
+    assert not torch.equal(layer.running_mean[0], before["running_mean"][0])
+    assert torch.isfinite(layer.running_std).all()
+    assert int(layer.num_batches_tracked) == 3
+    layer(torch.randn(4, 3, 2, 2))
+    assert layer.last_finite.all()
+
+
+# -- the rest of PyTorch ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("options", [{}, {"output_clip": (-3.0, 3.0)}], ids=["native", "core"])
+def test_channels_last_keeps_its_memory_format(options):
+    layer = BatchRenorm2d(3, **options)
+    x = torch.randn(4, 3, 5, 6).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    y = layer(x)
+    y.backward(torch.randn_like(y))
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert x.grad.is_contiguous(memory_format=torch.channels_last)
+    layer.eval()
+    assert layer(x).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_functional_call_uses_the_given_parameters_and_buffers():
+    layer = BatchRenorm2d(3, momentum=0.5)
+    weight = torch.full((3,), 2.0, requires_grad=True)
+    buffers = {name: b.clone() for name, b in layer.named_buffers()}
+    x = batch(0, (4, 3, 2, 2), torch.float32)
+    y = torch.func.functional_call(layer, {"weight": weight, "bias": layer.bias, **buffers},
+                                   (x,))
+    y.sum().backward()
+    expected = BatchRenorm2d(3, momentum=0.5)
+    with torch.no_grad():
+        expected.weight.fill_(2.0)
+    assert torch.allclose(y, expected(x))
+    assert weight.grad is not None and layer.weight.grad is None
+    assert int(buffers["num_batches_tracked"]) == 1 and int(layer.num_batches_tracked) == 0
+    assert torch.equal(buffers["running_mean"], expected.running_mean)
+
+
+@pytest.mark.parametrize("options", [{}, {"micro_batch": 2}], ids=["plain", "micro-batch"])
+def test_autocast_keeps_statistics_in_float32_and_output_in_the_input_dtype(options):
+    conv = torch.nn.Conv2d(2, 3, 1)
+    layer = BatchRenorm2d(3, momentum=0.5, **options)
+    x = torch.randn(4, 2, 3, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = conv(x)
+        y = layer(hidden)
+        y_float = layer(hidden.float())
+    assert hidden.dtype == y.dtype == torch.bfloat16
+    assert y_float.dtype == torch.float32
+    assert layer.running_mean.dtype == layer.running_std.dtype == torch.float32
+    y.float().sum().backward()
+    assert conv.weight.grad.dtype == torch.float32 and layer.weight.grad.dtype == torch.float32
+    reference = BatchRenorm2d(3, momentum=0.5, **options)
+    expected = reference(hidden.detach().float())
+    assert is_close(y, expected, BOUND[torch.bfloat16])
+
+
+def test_double_backward_is_refused():
+    layer = BatchRenorm2d(3)
+    x = torch.randn(4, 3, 2, 2, requires_grad=True)
+    (dx,) = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"once_differentiable|does not require grad"):
+        dx.sum().backward()
+
+
+def test_plain_batch_norm_when_r_and_d_cannot_move():
+    """r_max = 1 and d_max = 0: the training output is batch norm's (SPEC section 2)."""
+    layer = random_affine(BatchRenorm2d(3, r_max=1.0, d_max=0.0, dtype=torch.float64))
+    x = batch(2, (4, 3, 2, 2), torch.float64)
+    expected = F.batch_norm(x, None, None, layer.weight, layer.bias, True, 0.0, 1e-3)
+    assert is_close(layer(x), expected, 1e-13)
