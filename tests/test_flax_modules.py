@@ -151,3 +151,12 @@ def test_nnx_bfloat16_keeps_float32_statistics() -> None:
     model = NnxBatchRenorm(3, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     y = model(X.astype(jnp.bfloat16))
     assert y.dtype == jnp.bfloat16 and model.mean[...].dtype == jnp.float32
+
+
+def test_nnx_module_under_its_nnx_name() -> None:
+    from portable_brn.adapters.nnx import BatchRenorm as NnxName
+
+    assert NnxName is NnxBatchRenorm
+    layer = NnxName(3, rngs=nnx.Rngs(0))
+    y = layer(jnp.arange(12.0).reshape(4, 3))
+    assert y.shape == (4, 3) and int(layer.step[...]) == 1
