@@ -21,4 +21,6 @@ def test_readme_python_examples_run(tmp_path, monkeypatch, capsys) -> None:
     jax_error, steps = re.search(r"^jax mean squared error (\S+), step (\d+)", printed,
                                  re.M).groups()
     assert float(jax_error) < 1.0 and int(steps) == 200
+    torch_error = float(re.search(r"^torch mean squared error (\S+),", printed, re.M).group(1))
+    assert torch_error < 1.0
     assert (tmp_path / "norm.npz").exists()
