@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from portable_brn.conformance.checks import relative_error as rel_err  # noqa: F401  (shared)
+
 
 @dataclass(frozen=True)
 class Backend:
@@ -66,17 +68,6 @@ def backend(request: pytest.FixtureRequest) -> Backend:
     name = request.param
     pool = _numpy_backends() if name.startswith("numpy") else _strict_backends()
     return next(b for b in pool if b.name == name)
-
-
-def rel_err(actual: Any, expected: Any) -> float:
-    """||actual - expected|| / ||expected||; NaN anywhere makes it infinite."""
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    if not np.all(np.isfinite(actual)):
-        return float("inf")
-    norm = np.linalg.norm(expected)
-    diff = np.linalg.norm(actual - expected)
-    return float(diff / norm) if norm > 0 else float(diff)
 
 
 TOLERANCE = {np.float64: 1e-12, np.float32: 1e-5, np.float16: 1e-2}
