@@ -25,6 +25,7 @@ from .cases import Case, Outputs
 from .runner import core_config
 
 __all__ = ["AdapterBackend", "ArrayLayerBackend", "FlaxBackend", "JaxFunctionalBackend",
+           "NnxBackend",
            "TorchModulesBackend"]
 
 
@@ -265,6 +266,70 @@ class FlaxBackend(_JaxAdapterBackend):
 
     def session(self, case: Case, dtype: str) -> Session:
         return _FlaxSession(self.module, case, dtype)
+
+
+class _NnxSession(_JaxSession):
+    def __init__(self, module: Any, case: Case, dtype: str):
+        super().__init__(dtype)
+        from flax import nnx
+        options = _options(case)
+        alpha = options.pop("momentum")
+        options["epsilon"] = options.pop("eps")
+        layer = module.BatchRenorm(
+            int(np.size(case.mean)), axis=case.config["feature_axis"], momentum=1.0 - alpha,
+            param_dtype=self.p_dtype, use_scale=case.weight is not None,
+            use_bias=case.bias is not None, rngs=nnx.Rngs(0), **options)
+        for name, value, dtype in (("mean", case.mean, self.p_dtype),
+                                   ("std", case.std, self.p_dtype), ("scale", case.weight,
+                                                                     self.p_dtype),
+                                   ("bias", case.bias, self.p_dtype)):
+            if value is not None:
+                getattr(layer, name)[...] = self.put(value, dtype)
+        layer.step[...] = self.jnp.asarray(case.step)
+        graphdef, self.params, self.stats = nnx.split(layer, nnx.Param, nnx.BatchStat)
+
+        def train(params: Any, stats: Any, x: Any, dy: Any) -> tuple:
+            def forward(x: Any, params: Any, stats: Any) -> tuple:
+                # stats is a primal (its cotangent unused): nnx mutates it on this trace
+                model = nnx.merge(graphdef, params, stats)
+                y = model(x, use_running_average=False)
+                return y, nnx.state(model, nnx.BatchStat)
+            y, pullback, new_stats = self.jax.vjp(forward, x, params, stats, has_aux=True)
+            dx, dparams, _ = pullback(dy.astype(y.dtype))
+            return y, dx, dparams, new_stats
+
+        def infer(params: Any, stats: Any, x: Any) -> Any:
+            return nnx.merge(graphdef, params, stats)(x, use_running_average=True)
+
+        self.pure = nnx.to_pure_dict
+        self.train_fn, self.infer_fn = self.jax.jit(train), self.jax.jit(infer)
+
+    def train(self, x: np.ndarray, dy: np.ndarray) -> Outputs:
+        y, dx, dparams, self.stats = self.train_fn(
+            self.params, self.stats, self.put(x, self.x_dtype), self.put(dy, self.x_dtype))
+        grads = self.pure(dparams)
+        return _host({"y": y, "dx": dx, "dweight": grads.get("scale"),
+                      "dbias": grads.get("bias"), **self.pure(self.stats)})
+
+    def infer(self, x: np.ndarray) -> Outputs:
+        return _host({"y": self.infer_fn(self.params, self.stats, self.put(x, self.x_dtype))})
+
+
+class NnxBackend(_JaxAdapterBackend):
+    """``portable_brn.adapters.nnx.BatchRenorm`` under ``jax.jit`` through
+    ``nnx.split``/``nnx.merge``; one feature axis (nnx's ``num_features`` is an int)."""
+
+    module_name = "portable_brn.adapters.nnx"
+    name = "flax-nnx"
+    about = "adapters.nnx BatchRenorm (flax.nnx), jit"
+
+    def supports(self, case: Case) -> str | None:
+        if isinstance(case.config["feature_axis"], tuple):
+            return "the nnx module takes one feature axis"
+        return super().supports(case)
+
+    def session(self, case: Case, dtype: str) -> Session:
+        return _NnxSession(self.module, case, dtype)
 
 
 # ---------------------------------------------------------------------------

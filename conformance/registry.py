@@ -12,6 +12,7 @@ from .adapter_backends import (
     ArrayLayerBackend,
     FlaxBackend,
     JaxFunctionalBackend,
+    NnxBackend,
     TorchModulesBackend,
 )
 from .backends import (
@@ -37,7 +38,7 @@ def all_backends() -> list[Backend]:
         DaskBackend(), torch_backend(), JaxBackend(), cupy,
         ArrayLayerBackend(numpy), ArrayLayerBackend(cupy), TorchModulesBackend(),
         JaxFunctionalBackend(use_custom_vjp=True), JaxFunctionalBackend(use_custom_vjp=False),
-        FlaxBackend(),
+        FlaxBackend(), NnxBackend(),
     ]
 
 

@@ -7,14 +7,21 @@ raises), and on array-api-strict on its default device and on ``device1``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import settings
 
 from portable_brn.conformance.checks import relative_error as rel_err  # noqa: F401  (shared)
+
+# CI (CI=true) replays the same examples every run; local runs keep exploring.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 @dataclass(frozen=True)
