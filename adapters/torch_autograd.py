@@ -65,32 +65,21 @@ def _channels_innermost(x: torch.Tensor) -> bool:
     return x.stride(1) == 1
 
 
-def _affine_folded(x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor,
-                   shift: torch.Tensor) -> torch.Tensor:
-    """``(x - mean) * scale + shift`` as one ``addcmul`` over x: the faster kernel when
-    features are innermost (batch norm's inference kernel treats ``(N, C)`` as N * C
-    one-pixel images, 2x slower; for channels-last it is 1.4x slower)."""
-    view = (1, -1) + (1,) * (x.dim() - 2)
-    shift = torch.addcmul(shift, mean, scale, value=-1)
-    return torch.addcmul(shift.view(view), x, scale.view(view))
+def _feature_view(x: torch.Tensor, array: torch.Tensor) -> torch.Tensor:
+    """A per-feature array shaped to broadcast against ``x`` along dim 1."""
+    return array if x.dim() == 2 else array.view((1, -1) + (1,) * (x.dim() - 2))
 
 
-def _backward_rows(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor,
-                   mean: torch.Tensor, inv_std: torch.Tensor, eps: float,
-                   need_x: bool) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """``(dx, sum(g * x_hat), sum(g))`` for a 2-d input: the native kernel's sums, then
-    ``dx = k * (g - mean(g) - x_hat * mean(g * x_hat))`` with ``k = scale / sigma_B``
-    folded into ``x * x_scale + shift + g * k`` (the core's form), two passes that beat
-    the native dx pass on N * C one-pixel images."""
-    _, sum_g_xhat, sum_g = torch.ops.aten.native_batch_norm_backward(
-        grad, x, None, None, None, mean, inv_std, True, eps, [False, True, True])
-    if not need_x:
-        return None, sum_g_xhat, sum_g
-    k = scale * inv_std
-    minus_inv_count = -1.0 / x.shape[0]
-    x_scale = torch.mul(k, inv_std).mul_(sum_g_xhat).mul_(minus_inv_count)
-    shift = torch.mul(k, sum_g).mul_(minus_inv_count).addcmul_(mean, x_scale, value=-1)
-    return torch.addcmul(shift, x, x_scale).addcmul_(grad, k), sum_g_xhat, sum_g
+def _rows_dx(grad: torch.Tensor, x: torch.Tensor, k: torch.Tensor, mean: torch.Tensor,
+             inv_std: torch.Tensor, sum_g_xhat: torch.Tensor,
+             sum_g: torch.Tensor) -> torch.Tensor:
+    """``dx = k * (g - mean(g) - x_hat * mean(g * x_hat))`` for ``(N, C)`` inputs as
+    ``g * k + x * x_scale + shift`` (SPEC section 4 in the core's form): two passes that
+    beat the native kernel's dx pass on N * C one-pixel images."""
+    minus_count = -x.shape[0]
+    x_scale = torch.mul(k, inv_std).mul_(sum_g_xhat).div_(minus_count)
+    shift = torch.mul(k, sum_g).div_(minus_count).addcmul_(mean, x_scale, value=-1)
+    return torch.addcmul(shift, x, x_scale).addcmul_(grad, k)
 
 
 class _NativeRenorm(torch.autograd.Function):
@@ -103,41 +92,47 @@ class _NativeRenorm(torch.autograd.Function):
                 bias: torch.Tensor | None, mean: torch.Tensor, var: torch.Tensor,
                 inv_std: torch.Tensor, r: torch.Tensor, d: torch.Tensor,
                 eps: float) -> torch.Tensor:
-        scale, shift = (r, d) if weight is None else (weight * r, torch.addcmul(bias, weight, d))
-        ctx.save_for_backward(x, scale, mean, inv_std, r, d)
         ctx.eps = eps
-        if _channels_innermost(x):
-            return _affine_folded(x, mean, scale * inv_std, shift)
-        return F.batch_norm(x, mean, var, scale, shift, False, 0.0, eps)
+        scale, shift = (r, d) if weight is None else (weight * r, torch.addcmul(bias, weight, d))
+        if not _channels_innermost(x):
+            ctx.save_for_backward(x, scale, mean, inv_std, r, d)
+            return F.batch_norm(x, mean, var, scale, shift, False, 0.0, eps)
+        # one addcmul over x: y = x * k + (shift - mean * k) with k = scale / sigma_B; batch
+        # norm's inference kernel is 2x slower on (N, C) and 1.4x slower on channels-last
+        k = scale * inv_std
+        ctx.save_for_backward(x, k if x.dim() == 2 else scale, mean, inv_std, r, d)
+        shift = shift.addcmul(mean, k, value=-1)
+        return torch.addcmul(_feature_view(x, shift), x, _feature_view(x, k))
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
-        x, scale, mean, inv_std, r, d = ctx.saved_tensors
+        x, factor, mean, inv_std, r, d = ctx.saved_tensors
         need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
-        if x.dim() == 2:
-            dx, sum_g_xhat, sum_g = _backward_rows(grad, x, scale, mean, inv_std, ctx.eps,
-                                                   need_x)
-        else:
+        if x.dim() == 2:  # factor is k = scale / sigma_B
+            _, sum_g_xhat, sum_g = torch.ops.aten.native_batch_norm_backward(
+                grad, x, None, None, None, mean, inv_std, True, ctx.eps, [False, True, True])
+            dx = _rows_dx(grad, x, factor, mean, inv_std, sum_g_xhat, sum_g) if need_x else None
+        else:  # factor is scale = w * r
             dx, sum_g_xhat, sum_g = torch.ops.aten.native_batch_norm_backward(
-                grad, x, scale, None, None, mean, inv_std, True, ctx.eps,
+                grad, x, factor, None, None, mean, inv_std, True, ctx.eps,
                 [need_x, need_weight, need_weight or need_bias])
         # dweight = sum(g * z) with z = x_hat * r + d
         dweight = torch.addcmul(sum_g_xhat.mul_(r), d, sum_g) if need_weight else None
         return dx, dweight, sum_g if need_bias else None, None, None, None, None, None, None
 
 
-def _saved_not_recomputed(r: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """r and d as values the compiled backward must save rather than recompute.
+def _saved_not_recomputed(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per-feature values the compiled backward must save rather than recompute.
 
     Under ``torch.compile`` the AOT partitioner may recompute cheap per-feature ops in the
     backward from the moving statistics, which by then this step has updated in place:
     silently wrong dweight (pytorch/pytorch PR #197039).  ``stack`` is not on its list of
-    recomputable ops, so routing r and d through one pins the values of this step.
+    recomputable ops, so routing the values through one pins those of this step.
     """
     if torch.compiler.is_compiling():
-        r, d = torch.stack((r, d)).unbind()
-    return r, d
+        return tuple(torch.stack(tensors).unbind())
+    return tensors
 
 
 def _native_train(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -145,18 +140,18 @@ def _native_train(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tens
                   finite_out: torch.Tensor | None) -> torch.Tensor:
     """The fast training step: updates ``state``'s tensors in place after the output."""
     mean, var = torch.batch_norm_update_stats(x.detach(), None, None, 0.0)
-    std = var.add(config.eps).sqrt_()
+    std = torch.add(var, config.eps).sqrt_()
     r_min, r_max, d_max = clip_limits(config, state.step, std.dtype)
     r = torch.div(std, state.std).clamp_(r_min, r_max)
     d = torch.sub(mean, state.mean).div_(state.std).clamp_(-d_max, d_max)
     r, d = _saved_not_recomputed(r, d)
     y = _NativeRenorm.apply(x, weight, bias, mean, var, std.reciprocal(), r, d, config.eps)
-    # Both statistics are finite exactly when their difference is: std <= sqrt(float max)
-    # is far below the spacing of floats near the largest mean, so it cannot overflow.
-    # (|.| < inf is two kernels; torch.isfinite is eight.)
-    finite = torch.sub(mean, std).abs_() < math.inf
-    state.mean.lerp_(torch.where(finite, mean, state.mean), config.momentum)
-    state.std.lerp_(torch.where(finite, std, state.std), config.momentum)
+    # A non-finite batch mean makes every centred square, so the variance, non-finite too:
+    # std alone tells whether both statistics are finite (one kernel; isfinite is eight).
+    finite = std < math.inf
+    torch._foreach_lerp_([state.mean, state.std],
+                         [torch.where(finite, mean, state.mean),
+                          torch.where(finite, std, state.std, out=std)], config.momentum)
     state.step.add_(1)
     if finite_out is not None:
         finite_out.copy_(finite)
@@ -256,5 +251,7 @@ def infer_step(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
         return forward_infer(x, RenormState(mean, std, None), weight, bias, config)
     if _channels_innermost(x):
         scale = std.reciprocal() if weight is None else weight / std
-        return _affine_folded(x, mean, scale, torch.zeros_like(mean) if bias is None else bias)
+        shift = torch.mul(mean, scale).neg_() if bias is None else torch.addcmul(
+            bias, mean, scale, value=-1)
+        return torch.addcmul(_feature_view(x, shift), x, _feature_view(x, scale))
     return F.batch_norm(x, mean, std * std, weight, bias, False, 0.0, 0.0)

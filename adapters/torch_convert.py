@@ -3,7 +3,7 @@ recalibration of the running statistics over a data set."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -96,6 +96,7 @@ def convert_batchnorm(module: nn.Module, **renorm_options: Any) -> nn.Module:
 
 
 def _to_sync(layer: _BatchRenorm, process_group: Any) -> SyncBatchRenorm:
+    """A ``SyncBatchRenorm`` over ``process_group`` that continues ``layer``."""
     sync = SyncBatchRenorm(layer.num_features, affine=layer.affine,
                            track_running_stats=layer.track_running_stats,
                            process_group=process_group, **_factory(layer),
@@ -112,6 +113,13 @@ def convert_sync_batchrenorm(module: nn.Module, process_group: Any = None) -> nn
         lambda layer: _to_sync(layer, process_group))
 
 
+def _gather_rows(row: torch.Tensor, group: Any) -> list[torch.Tensor]:
+    """``row`` of every process of ``group``, in rank order (a collective)."""
+    rows = [torch.empty_like(row) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(rows, row, group=group)
+    return rows
+
+
 def _merge_across_processes(pooled: Moments | None, like: torch.Tensor,
                             group: Any) -> Moments | None:
     """The exact pooled moments of every process, merged in rank order (so identical on
@@ -121,24 +129,55 @@ def _merge_across_processes(pooled: Moments | None, like: torch.Tensor,
     else:
         count = torch.full_like(pooled.mean, pooled.count, dtype=torch.float64)
         row = torch.stack([pooled.mean.double(), pooled.var.double(), count])
-    rows = [torch.empty_like(row) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(rows, row, group=group)
+    rows = _gather_rows(row, group)
     parts = [Moments(r[0], r[1], float(r[2, 0])) for r in rows if float(r[2, 0]) > 0]
     return merge_moments(parts) if parts else None
 
 
 def _is_distributed(layer: _BatchRenorm) -> bool:
+    """Whether ``layer`` pools its statistics over more than one process."""
     return (isinstance(layer, SyncBatchRenorm) and dist.is_available()
             and dist.is_initialized() and dist.get_world_size(layer.process_group) > 1)
 
 
-def _record_moments(pooled: dict[_BatchRenorm, Moments | None]) -> Callable:
-    """A forward hook adding the moments of a layer's input to ``pooled``, exactly (after
-    the forward, so the layer's own checks of the input come first)."""
+def _process_groups(layers: list[_BatchRenorm]) -> list[tuple[Any, torch.device]]:
+    """The distinct process groups ``layers`` pool over, each with its collectives' device."""
+    groups: dict[int, tuple[Any, torch.device]] = {}
+    for layer in filter(_is_distributed, layers):
+        groups.setdefault(id(layer.process_group),
+                          (layer.process_group, layer.running_mean.device))
+    return list(groups.values())
+
+
+def _agree(layers: list[_BatchRenorm], order: list[_BatchRenorm],
+           count: int) -> tuple[list[_BatchRenorm], int]:
+    """The forward order of ``layers`` and the number of batches seen by this process and
+    every process it pools with: a process whose iterable was empty takes the order of
+    one that was not, so that all make the same collectives in the same sequence."""
+    for group, device in _process_groups(layers):
+        position = {layer: index for index, layer in enumerate(order)}
+        row = torch.tensor([count, *(position.get(layer, -1) for layer in layers)],
+                           dtype=torch.float64, device=device)
+        rows = _gather_rows(row, group)
+        count = int(sum(float(r[0]) for r in rows))
+        seen = next((r[1:].tolist() for r in rows if float(r[0]) > 0), None)
+        order = order if seen is None else _by_position(layers, seen)
+    return order, count
+
+
+def _by_position(layers: list[_BatchRenorm], positions: list[float]) -> list[_BatchRenorm]:
+    """The ``layers`` whose position is not negative, sorted by it."""
+    return [layers[i] for _, i in sorted((p, i) for i, p in enumerate(positions) if p >= 0)]
+
+
+def _record_moments(pooled: dict[_BatchRenorm, Moments]) -> Callable:
+    """A forward hook adding the moments of a layer's input to ``pooled`` (keys in the
+    order the layers first ran), exactly, after the forward so that the layer's own checks
+    of the input come first."""
 
     def hook(layer: _BatchRenorm, args: tuple, output: Any) -> None:
         part = moments(args[0].detach(), 1)
-        previous = pooled[layer]
+        previous = pooled.get(layer)
         pooled[layer] = part if previous is None else merge_moments((previous, part))
 
     return hook
@@ -156,43 +195,23 @@ def _run(model: nn.Module, batches: Iterable[Any], device: Any) -> int:
     return count
 
 
-def recalibrate(model: nn.Module, batches: Iterable[Any], *, device: Any = None) -> nn.Module:
-    """Set every renorm layer's running mean and std to the exact population statistics
-    of its inputs over ``batches`` (SPEC section 3; patent claims 14, 15 and 18), like
-    ``torch.optim.swa_utils.update_bn``; returns the model, its train/eval modes as they
-    were.
-
-    One pass, with the model in eval mode: each layer's statistics are those of its input
-    as the network computes it at inference with the statistics it had when the call
-    began.  Per-batch moments are merged exactly (Chan et al.), then
-    ``running_std = sqrt(pooled biased variance + eps)``; the step is kept.  When the new
-    data moves upstream layers' statistics a lot (a new domain), a second call refines
-    the deeper layers.  ``SyncBatchRenorm`` layers pool over all processes of their group
-    (a collective: every process must call this).  The state changes only after the last
-    batch; layers that saw no input keep theirs.
-    """
-    layers = [m for m in model.modules()
-              if isinstance(m, _BatchRenorm) and m.track_running_stats]
-    pooled: dict[_BatchRenorm, Moments | None] = dict.fromkeys(layers)
-    modes = {m: m.training for m in model.modules()}
+def _measure(model: nn.Module, batches: Iterable[Any], layers: list[_BatchRenorm],
+             device: Any) -> tuple[dict[_BatchRenorm, Moments], int]:
+    """One pass over ``batches``: the pooled moments of the input of each of ``layers``
+    that ran (in the order they first ran) and the number of batches."""
+    pooled: dict[_BatchRenorm, Moments] = {}
     hooks = [layer.register_forward_hook(_record_moments(pooled)) for layer in layers]
     try:
-        model.eval()
-        seen = _run(model, batches, device)
+        count = _run(model, batches, device)
     finally:
         for hook in hooks:
             hook.remove()
-        for module, training in modes.items():
-            module.training = training
-    if not seen:
-        raise ValueError("batches must yield at least one batch, got none")
-    for layer in layers:
-        _commit(layer, pooled[layer])
-    return model
+    return pooled, count
 
 
 def _commit(layer: _BatchRenorm, pooled: Moments | None) -> None:
-    """Write the pooled moments into ``layer``'s running statistics."""
+    """Write the pooled moments into ``layer``'s running statistics (pooled over every
+    process first for a distributed ``SyncBatchRenorm``: a collective)."""
     if _is_distributed(layer):
         pooled = _merge_across_processes(pooled, layer.running_mean, layer.process_group)
     if pooled is None:
@@ -200,3 +219,67 @@ def _commit(layer: _BatchRenorm, pooled: Moments | None) -> None:
     with torch.no_grad():
         layer.running_mean.copy_(pooled.mean)
         layer.running_std.copy_(torch.sqrt(pooled.var + layer.eps))
+
+
+def _recalibrate_in_order(model: nn.Module, layers: list[_BatchRenorm], batches: Iterable[Any],
+                          device: Any) -> None:
+    """Commit each layer's statistics in forward order, one pass per layer, so that every
+    layer is measured on its input under the new statistics of the layers before it."""
+    pooled, count = _measure(model, batches, layers, device)
+    order, count = _agree(layers, list(pooled), count)
+    if not count:
+        raise ValueError("batches must yield at least one batch, got none")
+    for index, layer in enumerate(order):
+        if index:
+            pooled = _measure(model, batches, [layer], device)[0]
+        _commit(layer, pooled.get(layer))
+
+
+def _restore(layers: list[_BatchRenorm], saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Put back the running statistics ``saved`` from ``layers``."""
+    with torch.no_grad():
+        for layer, (mean, std) in zip(layers, saved, strict=True):
+            layer.running_mean.copy_(mean)
+            layer.running_std.copy_(std)
+
+
+def recalibrate(model: nn.Module, batches: Iterable[Any], *, device: Any = None) -> nn.Module:
+    """Set every renorm layer's running mean and std to the exact population statistics
+    of its input over ``batches`` (SPEC section 3; patent claims 14, 15 and 18) under the
+    final network in inference mode, like ``torch.optim.swa_utils.update_bn``; returns the
+    model, its train/eval modes and ``num_batches_tracked`` as they were.
+
+    Layers are recalibrated one after another in the order the forward runs them, each
+    from one eval-mode pass over ``batches`` made after the layers before it got their new
+    statistics, so a deeper layer is measured on exactly the input it will see: one pass
+    per layer.  ``batches`` must therefore be re-iterable and yield the same data each
+    time (a list, a tuple, a ``DataLoader`` without random augmentation); a one-shot
+    iterator (a generator) is refused with a ``TypeError`` when the model has more than
+    one layer: pass ``list(batches)``.  A batch may be a tensor or a tuple/list whose
+    first element is the input.  Per-batch moments are merged exactly (Chan et al.), then
+    ``running_std = sqrt(pooled biased variance + eps)``.  A layer the forward applies
+    more than once pools all its inputs, the later ones computed with its old statistics.
+
+    ``SyncBatchRenorm`` layers pool over all processes of their group (collectives: every
+    process must call this; one whose ``batches`` is empty contributes nothing and gets
+    the others' statistics; if no process saw a batch, all raise).  Layers that saw no
+    input keep their statistics, and if anything fails every layer keeps its old ones.
+    """
+    layers = [m for m in model.modules()
+              if isinstance(m, _BatchRenorm) and m.track_running_stats]
+    if len(layers) > 1 and isinstance(batches, Iterator):
+        raise TypeError(f"batches must be re-iterable (a list, tuple or DataLoader) to "
+                        f"recalibrate {len(layers)} layers one after another, got a one-shot "
+                        f"{type(batches).__name__}: pass list(batches)")
+    modes = {m: m.training for m in model.modules()}
+    saved = [(layer.running_mean.clone(), layer.running_std.clone()) for layer in layers]
+    try:
+        model.eval()
+        _recalibrate_in_order(model, layers, batches, device)
+    except BaseException:
+        _restore(layers, saved)
+        raise
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    return model

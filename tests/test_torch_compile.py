@@ -1,6 +1,7 @@
-"""``torch.compile(fullgraph=True)`` trains the layers and matches eager.  Compiling is
-slow on small machines, so one small model covers the native path, warm-up and a
-schedule (one graph), and both modes."""
+"""``torch.compile(fullgraph=True)`` trains the layers and matches eager on the native
+path; the core's generic path compiles with graph breaks.  Compiling is slow on small
+machines, so one small model covers the native path, warm-up and a schedule (one graph),
+and both modes, and one more covers the generic path."""
 
 from __future__ import annotations
 
@@ -39,12 +40,20 @@ def _train_step(model, optimizer, step):
     return y.detach(), grads
 
 
-@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
-@pytest.mark.filterwarnings("ignore::DeprecationWarning:torch")
-def test_compiled_training_and_inference_match_eager():
-    eager = _model()
+def _generic_model():
+    """Micro-batches and output clipping: the core's generic path."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, bias=False),
+        random_affine(BatchRenorm2d(4, momentum=0.3, r_max=1.5, d_max=0.5, micro_batch=2,
+                                    output_clip=(-1.0, 1.5))))
+
+
+def _check_compiled_matches_eager(eager, fullgraph):
+    """Train a compiled copy of ``eager`` next to it: outputs, gradients and buffers
+    match at every step, and so does inference afterwards."""
     compiled_model = copy.deepcopy(eager)
-    compiled = torch.compile(compiled_model, fullgraph=True)
+    compiled = torch.compile(compiled_model, fullgraph=fullgraph)
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.01) for m in (eager, compiled_model)]
     for step in range(STEPS):
         y, grads = _train_step(eager, optimizers[0], step)
@@ -59,3 +68,15 @@ def test_compiled_training_and_inference_match_eager():
     x = batch(STEPS, (6, 3, 4, 4), torch.float32)
     with torch.no_grad():
         assert is_close(compiled(x), eager(x), 1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:torch")
+def test_compiled_training_and_inference_match_eager():
+    _check_compiled_matches_eager(_model(), fullgraph=True)
+
+
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:torch")
+def test_compiled_generic_path_with_graph_breaks_matches_eager():
+    _check_compiled_matches_eager(_generic_model(), fullgraph=False)

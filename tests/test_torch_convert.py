@@ -6,7 +6,15 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from test_torch_support import batch, is_close, random_affine  # noqa: E402
+from test_torch_support import (  # noqa: E402
+    BOUND,
+    assert_same_state,
+    batch,
+    is_close,
+    population_statistics,
+    random_affine,
+    state_of,
+)
 from torch import nn  # noqa: E402
 
 from portable_brn.adapters.torch import (  # noqa: E402
@@ -92,26 +100,92 @@ def test_recalibrate_a_layer_gives_the_exact_population_statistics():
     assert layer.training and int(layer.num_batches_tracked) == step
 
 
-def test_recalibrate_a_model_uses_each_layers_inference_input_and_restores_modes():
+def _stacked_renorm_model(dtype):
+    """Three renorm layers with convolutions and a linear layer between them, running
+    statistics far from the data's, a dropout in eval mode, one layer without state."""
     torch.manual_seed(0)
-    first, second = BatchRenorm2d(3, dtype=torch.float64), BatchRenorm2d(3, dtype=torch.float64)
-    with torch.no_grad():
-        first.running_mean.fill_(0.5)
-    model = nn.Sequential(nn.Conv2d(2, 3, 1, dtype=torch.float64), first, nn.Dropout(0.5),
-                          nn.ReLU(), second, BatchRenorm2d(3, track_running_stats=False))
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1, dtype=dtype), BatchRenorm2d(3, dtype=dtype), nn.ReLU(),
+        nn.Dropout(0.5), nn.Conv2d(3, 4, 1, dtype=dtype), BatchRenorm2d(4, dtype=dtype),
+        nn.Flatten(), nn.Linear(36, 5, dtype=dtype), BatchRenorm1d(5, dtype=dtype),
+        BatchRenorm1d(5, track_running_stats=False, dtype=dtype))
+    for index, layer in enumerate(m for m in model if getattr(m, "running_std", None) is not None):
+        random_affine(layer, seed=index)
+        with torch.no_grad():
+            layer.running_mean.uniform_(-2.0, 2.0)
+            layer.running_std.uniform_(0.3, 3.0)
+            layer.num_batches_tracked.fill_(7)
     model.train()
-    model[2].eval()
-    batches = [(batch(i, (4, 2, 3, 3), torch.float64), "label") for i in range(3)]
-    with torch.no_grad():
-        hidden = [model[0](x) for x, _ in batches]
-        second_inputs = [torch.relu(first.eval()(h)) for h in hidden]
-    first.train()
-    recalibrate(model, batches)
-    assert is_close(first.running_mean, reference.recalibrate(
-        [h.numpy() for h in hidden])[0], 1e-12)
-    assert is_close(second.running_std, reference.recalibrate(
-        [h.numpy() for h in second_inputs])[1], 1e-12)
-    assert [m.training for m in model] == [True, True, False, True, True, True]
+    model[3].eval()
+    return model
+
+
+RENORM_NAMES = ("1", "5", "8")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_recalibrate_stacked_layers_gives_each_the_statistics_of_the_final_network(dtype):
+    """Each layer ends with the exact statistics of its input under the recalibrated
+    network in inference mode, not under the network as it was before the call."""
+    model = _stacked_renorm_model(dtype)
+    inputs = [batch(i, (4 + i, 2, 3, 3), dtype) for i in range(3)]
+    before = population_statistics(model, inputs)
+    if dtype == torch.float64:
+        batches = [(x, "label") for x in inputs]
+    else:  # a DataLoader is re-iterable too; its batches are [input, label] lists
+        dataset = torch.utils.data.TensorDataset(torch.cat(inputs), torch.zeros(15))
+        batches = torch.utils.data.DataLoader(dataset, batch_size=4)
+    assert recalibrate(model, batches) is model
+    expected = population_statistics(model, inputs)
+    for name in RENORM_NAMES:
+        layer = model.get_submodule(name)
+        mean, std = expected[name]
+        assert is_close(layer.running_mean, mean, BOUND[dtype]), name
+        assert is_close(layer.running_std, std, BOUND[dtype]), name
+        assert int(layer.num_batches_tracked) == 7
+    for name in RENORM_NAMES[1:]:  # one pass under the old statistics would be far off
+        assert not is_close(torch.from_numpy(before[name][1]), expected[name][1], 1e-2)
+    assert [m.training for m in model] == [True] * 3 + [False] + [True] * 6
+
+
+class _FailsOnSecondPass:
+    """Batches that can be iterated once; the second pass fails after one batch."""
+
+    def __init__(self, batches):
+        self.batches = batches
+        self.passes = 0
+
+    def __iter__(self):
+        self.passes += 1
+        yield self.batches[0]
+        if self.passes > 1:
+            raise RuntimeError("the data went away")
+        yield from self.batches[1:]
+
+
+def test_recalibrate_restores_every_layer_when_a_later_pass_fails():
+    model = _stacked_renorm_model(torch.float64)
+    before = [state_of(model.get_submodule(name)) for name in RENORM_NAMES]
+    batches = _FailsOnSecondPass([batch(i, (4, 2, 3, 3), torch.float64) for i in range(2)])
+    with pytest.raises(RuntimeError, match="went away"):
+        recalibrate(model, batches)
+    assert batches.passes == 2
+    for name, state in zip(RENORM_NAMES, before, strict=True):
+        assert_same_state(state, model.get_submodule(name))
+    assert [m.training for m in model] == [True] * 3 + [False] + [True] * 6
+
+
+def test_recalibrate_refuses_a_one_shot_iterator_for_several_layers():
+    model = _stacked_renorm_model(torch.float64)
+    inputs = [batch(i, (4, 2, 3, 3), torch.float64) for i in range(2)]
+    before = state_of(model)
+    with pytest.raises(TypeError, match=r"batches must be re-iterable .*3 layers.*generator"):
+        recalibrate(model, (x for x in inputs))
+    assert_same_state(before, model)
+    layer = BatchRenorm2d(2, dtype=torch.float64)
+    recalibrate(layer, iter(inputs))  # one layer needs one pass: any iterable will do
+    mean, std = reference.recalibrate([x.numpy() for x in inputs])
+    assert is_close(layer.running_mean, mean, 1e-12) and is_close(layer.running_std, std, 1e-12)
 
 
 def test_recalibrate_needs_a_batch_and_leaves_the_state_when_a_batch_fails():

@@ -1,11 +1,13 @@
 """``SyncBatchRenorm`` with 2 processes on the gloo backend: outputs, gradients and state
-equal one process running the concatenated batch, identically on every rank."""
+equal the float64 reference on the concatenated batch (with and without micro-batches),
+identically on every rank; ``recalibrate`` pools every rank, empty ones included."""
 
 from __future__ import annotations
 
 import socket
 import time
 from datetime import timedelta
+from itertools import product
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,15 @@ if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
 
 import torch.multiprocessing as mp  # noqa: E402
-from test_torch_support import batch, is_close, random_affine  # noqa: E402
+from test_torch_support import (  # noqa: E402
+    batch,
+    is_close,
+    numpy,
+    population_statistics,
+    random_affine,
+    reference_options,
+)
+from torch import nn  # noqa: E402
 
 from portable_brn.adapters.torch import BatchRenorm2d, SyncBatchRenorm, recalibrate  # noqa: E402
 from portable_brn.conformance import reference  # noqa: E402
@@ -27,6 +37,8 @@ WORLD = 2
 STEPS = 3
 SHAPE = (8, 3, 2, 2)
 OPTIONS = {"momentum": 0.3, "r_max": 1.5, "d_max": 1.0, "dtype": torch.float64}
+# micro-batches of 2 rows stay on their rank; only the state update is averaged
+CONFIGS = {"plain": OPTIONS, "micro-batch": {**OPTIONS, "micro_batch": 2}}
 SPLITS = {"equal": (0, 4, 8), "unequal": (0, 6, 8)}  # rows of the global batch per rank
 TIMEOUT_S = 120
 
@@ -58,17 +70,47 @@ def _train(layer, rows):
     return results
 
 
+def _stacked_sync_model():
+    """Two synchronised renorm layers with a convolution between, the same on every rank,
+    running statistics far from the data's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(SyncBatchRenorm(3, **OPTIONS), nn.Conv2d(3, 2, 1, dtype=torch.float64),
+                          SyncBatchRenorm(2, **OPTIONS))
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            layer.running_mean.fill_(3.0)
+            layer.running_std.fill_(0.2)
+    return model
+
+
+def _recalibrate_with_empty_ranks(empty_ranks: tuple[int, ...], rank: int):
+    """Recalibrate the stacked model, ranks in ``empty_ranks`` with no batch: the state
+    dict it ends with, or the error it raised and whether the state stayed as it was."""
+    model = _stacked_sync_model()
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    batches = [] if rank in empty_ranks else [x for x, _ in _global_batches()]
+    try:
+        recalibrate(model, batches)
+    except ValueError as error:
+        unchanged = all(torch.equal(value, model.state_dict()[name])
+                        for name, value in before.items())
+        return {"error": str(error), "unchanged": unchanged}
+    return model.state_dict()
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=WORLD, timeout=timedelta(seconds=60))
     try:
         results = {}
-        for name, bounds in SPLITS.items():
+        for (config, options), (split, bounds) in product(CONFIGS.items(), SPLITS.items()):
             rows = slice(bounds[rank], bounds[rank + 1])
-            layer = random_affine(SyncBatchRenorm(3, **OPTIONS))
-            results[name] = _train(layer, rows)
+            layer = random_affine(SyncBatchRenorm(3, **options))
+            results[config, split] = _train(layer, rows)
             recalibrate(layer, [x[rows] for x, _ in _global_batches()])
-            results[name + "-recalibrated"] = (layer.running_mean, layer.running_std)
+            results[config, split, "recalibrated"] = (layer.running_mean, layer.running_std)
+        results["one-empty"] = _recalibrate_with_empty_ranks((0,), rank)
+        results["all-empty"] = _recalibrate_with_empty_ranks((0, 1), rank)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -92,11 +134,28 @@ def ranks(tmp_path_factory):
     return _spawn(tmp_path_factory.mktemp("sync"))
 
 
+def _reference_steps(options):
+    """The float64 reference's steps on the whole global batch, state carried over."""
+    layer = random_affine(BatchRenorm2d(3, **options))
+    mean, std = numpy(layer.running_mean), numpy(layer.running_std)
+    steps = []
+    for step, (x, grad) in enumerate(_global_batches()):
+        expected = reference.train_step(x.numpy(), mean, std, step, numpy(layer.weight),
+                                        numpy(layer.bias), grad.numpy(),
+                                        **reference_options(layer))
+        steps.append(expected)
+        mean, std = expected["mean"], expected["std"]
+    return steps
+
+
 @pytest.mark.parametrize("split", list(SPLITS))
-def test_sync_equals_one_process_on_the_concatenated_batch(ranks, split):
-    single = _train(random_affine(BatchRenorm2d(3, **OPTIONS)), slice(None))
-    for step, expected in enumerate(single):
-        per_rank = [r[split][step] for r in ranks]
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_sync_equals_the_reference_on_the_concatenated_batch(ranks, config, split):
+    """Without micro-batches the statistics span the global batch; with them each rank's
+    micro-batches stay local and the running statistics move toward the mean over every
+    rank's micro-batches, identically on every rank."""
+    for step, expected in enumerate(_reference_steps(CONFIGS[config])):
+        per_rank = [r[config, split][step] for r in ranks]
         for name in ("y", "dx"):
             assert is_close(torch.cat([r[name] for r in per_rank]), expected[name], 1e-12)
         for name in ("dweight", "dbias"):  # parameter gradients stay local; DDP sums them
@@ -108,9 +167,31 @@ def test_sync_equals_one_process_on_the_concatenated_batch(ranks, split):
 
 
 @pytest.mark.parametrize("split", list(SPLITS))
-def test_recalibrate_pools_every_process(ranks, split):
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_recalibrate_pools_every_process(ranks, config, split):
     mean, std = reference.recalibrate([x.numpy() for x, _ in _global_batches()])
     for rank in ranks:
-        recalibrated_mean, recalibrated_std = rank[split + "-recalibrated"]
+        recalibrated_mean, recalibrated_std = rank[config, split, "recalibrated"]
         assert is_close(recalibrated_mean, mean, 1e-12)
         assert is_close(recalibrated_std, std, 1e-12)
+
+
+def test_recalibrate_with_an_empty_rank_gives_every_rank_the_others_statistics(ranks):
+    """Rank 0 has no batch: it neither raises nor hangs, and both ranks end with the
+    statistics of rank 1's data under the recalibrated stacked model."""
+    states = [rank["one-empty"] for rank in ranks]
+    model = _stacked_sync_model()
+    model.load_state_dict(states[1])
+    expected = population_statistics(model, [x for x, _ in _global_batches()])
+    assert set(expected) == {"0", "2"}
+    for name, (mean, std) in expected.items():
+        assert is_close(states[1][name + ".running_mean"], mean, 1e-12)
+        assert is_close(states[1][name + ".running_std"], std, 1e-12)
+    for key, value in states[1].items():
+        assert torch.equal(states[0][key], value), key
+
+
+def test_recalibrate_with_every_rank_empty_raises_on_every_rank(ranks):
+    for rank in ranks:
+        assert rank["all-empty"] == {
+            "error": "batches must yield at least one batch, got none", "unchanged": True}

@@ -214,10 +214,20 @@ def test_micro_batch_that_does_not_divide_the_batch_raises_and_leaves_the_state(
     assert_same_state(before, layer)
 
 
-def test_input_on_another_device_raises():
-    layer = BatchRenorm2d(3, device="meta")
-    with pytest.raises(ValueError, match=r"input is on cpu .* on meta"):
-        layer(torch.randn(4, 3, 2, 2))
+OTHER_DEVICES = ["meta"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", OTHER_DEVICES)
+@pytest.mark.parametrize("options", [{}, {"micro_batch": 2, "output_clip": (-1, 1)}],
+                         ids=["native", "core"])
+def test_input_on_another_device_raises_and_leaves_the_state(device, options):
+    layer = random_affine(BatchRenorm2d(3, momentum=0.5, **options))
+    _train(layer, steps=2)
+    before = state_of(layer)
+    with pytest.raises(ValueError, match=rf"input is on {device}.* on cpu"):
+        layer(torch.randn(4, 3, 2, 2, device=device))
+    assert_same_state(before, layer)
+    assert int(layer.num_batches_tracked) == 2
 
 
 @pytest.mark.parametrize("options", [{}, {"micro_batch": 2}], ids=["native", "core"])
@@ -305,3 +315,59 @@ def test_plain_batch_norm_when_r_and_d_cannot_move():
     x = batch(2, (4, 3, 2, 2), torch.float64)
     expected = F.batch_norm(x, None, None, layer.weight, layer.bias, True, 0.0, 1e-3)
     assert is_close(layer(x), expected, 1e-13)
+
+
+# -- gradients: r, d and the running statistics are constants (SPEC section 4) ----------
+
+# running (mean, std) per feature against batch(0)'s mean (-0.94, 1.77, 1.76) and std
+# (2.85, 1.34, 1.32) with r_max = 1.5, d_max = 0.5; "some": feature 1 clips r only,
+# feature 2 clips d only
+GRADIENT_CASES = {
+    "no-clip-binds": ([-0.5, 1.5, 2.0], [2.5, 1.2, 1.5]),
+    "some-clips-bind": ([-0.5, 1.5, 40.0], [2.5, 30.0, 1.5]),
+    "every-clip-binds": ([40.0, -40.0, 40.0], [30.0, 30.0, 0.05]),
+}
+
+
+def _section_4_gradients(x, grad, layer, mean, std):
+    """dx, dweight, dbias of SPEC section 4 in float64 with plain torch (r and d
+    constants), and the dx a layer would have if gradient flowed through r and d."""
+    axes, view = [0, 2, 3], (1, 3, 1, 1)
+    weight = layer.weight.detach().view(view)
+    x = x.detach().requires_grad_(True)
+    mu_b = x.mean(axes, keepdim=True)
+    sigma_b = torch.sqrt((x - mu_b).pow(2).mean(axes, keepdim=True) + layer.eps)
+    r_max, d_max = layer.config.r_max, layer.config.d_max
+    r = (sigma_b / std.view(view)).clamp(1 / r_max, r_max)
+    d = ((mu_b - mean.view(view)) / std.view(view)).clamp(-d_max, d_max)
+    x_hat = (x - mu_b) / sigma_b
+    (through_r_and_d,) = torch.autograd.grad(x_hat * r + d, x, weight * grad)
+    x_hat, r, d = x_hat.detach(), r.detach(), d.detach()
+    g_xhat = r * weight * grad
+    dx = (g_xhat - g_xhat.mean(axes, keepdim=True)
+          - x_hat * (g_xhat * x_hat).mean(axes, keepdim=True)) / sigma_b.detach()
+    dweight = (grad * (x_hat * r + d)).sum(axes)
+    return dx, dweight, grad.sum(axes), through_r_and_d
+
+
+@pytest.mark.parametrize("options", [{}, {"output_clip": (-1e3, 1e3)}], ids=["native", "core"])
+@pytest.mark.parametrize("case", list(GRADIENT_CASES))
+def test_no_gradient_flows_through_r_d_or_the_running_statistics(case, options):
+    """dx is SPEC section 4's, which holds r and d constant: where a clip does not bind,
+    a layer that differentiated through r and d would give another dx."""
+    layer = random_affine(BatchRenorm2d(3, dtype=torch.float64, r_max=1.5, d_max=0.5,
+                                        **options))
+    mean, std = (torch.tensor(v, dtype=torch.float64) for v in GRADIENT_CASES[case])
+    with torch.no_grad():
+        layer.running_mean.copy_(mean)
+        layer.running_std.copy_(std)
+    x = batch(0, (6, 3, 2, 2), torch.float64).requires_grad_(True)
+    grad = batch(0, (6, 3, 2, 2), torch.float64, seed=1)
+    layer(x).backward(grad)
+    dx, dweight, dbias, through_r_and_d = _section_4_gradients(x, grad, layer, mean, std)
+    assert is_close(x.grad, dx, 1e-12)
+    assert is_close(layer.weight.grad, dweight, 1e-12)
+    assert is_close(layer.bias.grad, dbias, 1e-12)
+    assert all(not b.requires_grad and b.grad is None for b in layer.buffers())
+    can_tell = case != "every-clip-binds"
+    assert is_close(through_r_and_d, dx, 1e-6) != can_tell

@@ -3,6 +3,7 @@ float64 reference side by side, step after step."""
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -123,3 +124,27 @@ def is_close(actual: Any, expected: Any, bound: float) -> bool:
     error = rel_err(numpy(actual), expected if isinstance(expected, np.ndarray)
                     else numpy(expected))
     return math.isfinite(error) and error <= bound
+
+
+def population_statistics(model: Any, inputs: list[Any]) -> dict[str, tuple[np.ndarray, ...]]:
+    """Per renorm layer of ``model`` (by name), the float64 mean and
+    ``sqrt(biased var + eps)`` of its input over all ``inputs`` concatenated, on a float64
+    copy of the network in eval mode, with plain torch: independent of ``recalibrate``."""
+    network = copy.deepcopy(model).double().eval()
+    captured: dict[str, Any] = {}
+    with torch.no_grad():
+        hooks = [module.register_forward_pre_hook(
+            lambda module, args, name=name: captured.update({name: args[0]}))
+            for name, module in network.named_modules()
+            if getattr(module, "running_std", None) is not None]
+        network(torch.cat(list(inputs)).double())
+    for hook in hooks:
+        hook.remove()
+    statistics = {}
+    for name, x in captured.items():
+        rows = x.transpose(0, 1).reshape(x.shape[1], -1)
+        mean = rows.mean(dim=1)
+        var = (rows - mean[:, None]).pow(2).mean(dim=1)
+        std = torch.sqrt(var + network.get_submodule(name).eps)
+        statistics[name] = (mean.numpy(), std.numpy())
+    return statistics
