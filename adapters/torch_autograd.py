@@ -39,7 +39,6 @@ __all__ = ["batch_norm_step", "infer_step", "train_step"]
 ReplicaMean = Callable[[torch.Tensor], torch.Tensor] | None
 
 _NATIVE_DTYPES = (torch.float32, torch.float64)
-_NATIVE_DEVICES = ("cpu", "cuda")
 
 
 def uses_native(x: torch.Tensor, reference: torch.Tensor | None, config: RenormConfig | None,
@@ -47,7 +46,7 @@ def uses_native(x: torch.Tensor, reference: torch.Tensor | None, config: RenormC
     """Whether the native kernels compute this call: a float32/float64 ``x`` on CPU or
     CUDA of the layer's dtype (``reference``), and (for training, ``config`` given) no
     option without a fast path."""
-    if (x.dtype not in _NATIVE_DTYPES or x.device.type not in _NATIVE_DEVICES
+    if (x.dtype not in _NATIVE_DTYPES or not (x.is_cpu or x.is_cuda)
             or (reference is not None and reference.dtype != x.dtype)):
         return False
     if config is None:
