@@ -15,6 +15,7 @@ import numpy as np
 from array_api_compat import array_namespace, device
 
 from portable_brn.config import RenormConfig
+from portable_brn.inputs import namespace_of
 from portable_brn.renorm import Residuals, backward, forward_infer, forward_train
 from portable_brn.state import RenormState, init_state
 
@@ -38,8 +39,9 @@ class BatchRenorm:
     ``RenormConfig`` option (``eps``, ``momentum``, ``r_max``, ``d_max``, ...).
     """
 
-    def __init__(self, num_features: int, *, feature_axis: Any = 1, affine: bool = True,
-                 xp: Any = None, dtype: Any = None, device: Any = None, **config: Any):
+    def __init__(self, num_features: int | tuple[int, ...], *, feature_axis: Any = 1,
+                 affine: bool = True, xp: Any = None, dtype: Any = None, device: Any = None,
+                 **config: Any) -> None:
         self.config = RenormConfig(feature_axis=feature_axis, **config)
         if isinstance(num_features, bool) or not isinstance(num_features, (int, tuple)):
             raise TypeError(f"num_features must be an int or a tuple of ints, "
@@ -52,35 +54,44 @@ class BatchRenorm:
         self._dtype = dtype
         self._residuals: Residuals | None = None
         if xp is not None:
-            self._materialize(xp, device)
+            self.state, self.weight, self.bias = self._fresh(xp, device)
 
-    def _materialize(self, xp: Any, dev: Any) -> None:
-        """Create state and parameters in ``xp`` on ``dev``."""
+    def _fresh(self, xp: Any, dev: Any) -> tuple[RenormState, Any, Any]:
+        """New state and parameters (None without ``affine``) in ``xp`` on ``dev``."""
         dtype = xp.float32 if self._dtype is None else self._dtype
-        self.state = init_state(self.num_features, xp=xp, dtype=dtype, device=dev)
-        if self.affine:
-            self.weight = xp.ones_like(self.state.mean)
-            self.bias = xp.zeros_like(self.state.mean)
+        state = init_state(self.num_features, xp=xp, dtype=dtype, device=dev)
+        if not self.affine:
+            return state, None, None
+        return state, xp.ones_like(state.mean), xp.zeros_like(state.mean)
 
-    def _ensure_materialized(self, x: Any) -> None:
-        if self.state is None:
-            self._materialize(array_namespace(x), device(x))
+    def _bound_to(self, x: Any) -> tuple[RenormState, Any, Any]:
+        """The layer's state and parameters; before the first call, fresh ones in the
+        namespace and on the device of ``x``, which the layer keeps only once a call
+        with them succeeds (a bad first input binds it to nothing)."""
+        if self.state is not None:
+            return self.state, self.weight, self.bias
+        return self._fresh(namespace_of(x=x), device(x))
 
     def forward(self, x: Any, training: bool = True) -> Any:
-        """Normalize ``x``: batch renorm in training (updating the state), else inference."""
-        self._ensure_materialized(x)
+        """Normalize ``x``: batch renorm in training (updating the state), else inference.
+
+        Every check runs before anything changes; the new state, parameters and
+        residuals are committed together, then a non-finite batch is counted and warned
+        about (so a warning turned into an error finds the layer consistent)."""
+        state, weight, bias = self._bound_to(x)
         if not training:
-            return forward_infer(x, self.state, self.weight, self.bias, self.config)
-        y, new_state, residuals = forward_train(x, self.state, self.weight, self.bias,
-                                                self.config)
+            y = forward_infer(x, state, weight, bias, self.config)
+            self.state, self.weight, self.bias = state, weight, bias
+            return y
+        y, new_state, residuals = forward_train(x, state, weight, bias, self.config)
         xp = array_namespace(x)
         skipped = int(xp.sum(xp.astype(~residuals.finite, xp.int32)))
+        self.state, self.weight, self.bias, self._residuals = new_state, weight, bias, residuals
         if skipped:
             self.nonfinite_batches += 1
             warnings.warn(f"BatchRenorm: non-finite batch statistics in {skipped} feature(s);"
                           " their moving statistics were not updated", RuntimeWarning,
                           stacklevel=2)
-        self.state, self._residuals = new_state, residuals
         return y
 
     __call__ = forward

@@ -42,6 +42,7 @@ def _require_schedule(name: str, value: object, *, low: float, high: float = mat
 
 
 def _require_int(name: str, value: object, *, low: int) -> None:
+    """Raise a ``TypeError``/``ValueError`` naming ``name`` unless value is an int >= low."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {value!r}")
     if value < low:
@@ -49,6 +50,7 @@ def _require_int(name: str, value: object, *, low: int) -> None:
 
 
 def _check_feature_axis(feature_axis: object) -> None:
+    """An int or a non-empty tuple of distinct ints (the range is checked per input)."""
     axes = feature_axis if isinstance(feature_axis, tuple) else (feature_axis,)
     if not axes:
         raise ValueError("feature_axis must name at least one axis, got ()")
@@ -95,6 +97,7 @@ class RenormConfig:
             self._check_output_clip()
 
     def _check_output_clip(self) -> None:
+        """A ``(low, high)`` pair of real numbers with low < high, stored as floats."""
         clip = self.output_clip
         if not isinstance(clip, (tuple, list)) or len(clip) != 2:
             raise TypeError(f"output_clip must be a (low, high) pair, got {clip!r}")

@@ -11,7 +11,13 @@ from typing import Any
 
 from array_api_compat import array_namespace, device, is_jax_array
 
-__all__ = ["check_floating", "check_param", "check_same_device", "namespace_of"]
+__all__ = ["check_floating", "check_param", "check_same_device", "floating_namespace",
+           "namespace_of", "per_feature_namespace"]
+
+
+def _kind(array: Any) -> str:
+    """The qualified type name of ``array``, for messages."""
+    return f"{type(array).__module__}.{type(array).__name__}"
 
 
 def namespace_of(**arrays: Any) -> Any:
@@ -20,10 +26,21 @@ def namespace_of(**arrays: Any) -> Any:
     try:
         return array_namespace(*present.values())
     except TypeError as error:
-        kinds = ", ".join(f"{name}: {type(a).__module__}.{type(a).__name__}"
-                          for name, a in present.items())
+        if len(present) == 1:
+            name, array = next(iter(present.items()))
+            raise TypeError(f"{name} must be an array of an Array API library, got "
+                            f"{_kind(array)}") from error
+        kinds = ", ".join(f"{name}: {_kind(a)}" for name, a in present.items())
         raise TypeError(f"arrays from different libraries (or non-arrays) in one call: "
                         f"{kinds}") from error
+
+
+def floating_namespace(name: str, array: Any) -> Any:
+    """The namespace of one input ``array`` called ``name``, after checking it is a real
+    floating array."""
+    xp = namespace_of(**{name: array})
+    check_floating(xp, name, array)
+    return xp
 
 
 def check_floating(xp: Any, name: str, array: Any) -> None:
@@ -33,17 +50,20 @@ def check_floating(xp: Any, name: str, array: Any) -> None:
                         f"float32 or float64), got {array.dtype}")
 
 
-def check_param(xp: Any, name: str, array: Any | None, feature_shape: tuple[int, ...]) -> None:
-    """A per-feature array (moving statistic, weight, bias) must match the features."""
+def check_param(xp: Any, name: str, array: Any | None, feature_shape: tuple[int, ...], *,
+                source: str = "x") -> None:
+    """A per-feature array (moving statistic, weight, bias) must match the features of
+    ``source`` (named in the message)."""
     if array is None:
         return
     check_floating(xp, name, array)
     if tuple(array.shape) != feature_shape:
-        raise ValueError(f"{name} has shape {tuple(array.shape)} but the input has "
-                         f"{feature_shape} features along feature_axis")
+        raise ValueError(f"{name} has shape {tuple(array.shape)} but {source} has "
+                         f"{feature_shape} features")
 
 
 def _device_or_none(array: Any) -> Any:
+    """The device of ``array``, or None where it cannot tell."""
     try:
         return device(array)
     except Exception:  # traced values under jit may not know their device
@@ -61,3 +81,14 @@ def check_same_device(**arrays: Any) -> None:
         if dev != first[1]:
             raise ValueError(f"arrays on different devices in one call: {first[0]} is on "
                              f"{first[1]} but {name} is on {dev}")
+
+
+def per_feature_namespace(**arrays: Any) -> Any:
+    """The namespace of per-feature ``arrays`` (statistics, state) after checking that they
+    share one library and one device, are real floating and have the first one's shape."""
+    xp = namespace_of(**arrays)
+    source, first = next(iter(arrays.items()))
+    for name, array in arrays.items():
+        check_param(xp, name, array, tuple(first.shape), source=source)
+    check_same_device(**arrays)
+    return xp

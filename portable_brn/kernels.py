@@ -53,6 +53,7 @@ class GenericKernel:
     wide_sums = True
 
     def _accumulator(self, xp: Any, dtype: Any) -> Any:
+        """The dtype sums of ``dtype`` data run in (wide only with ``wide_sums``)."""
         return accumulator_dtype(xp, dtype) if self.wide_sums else dtype
 
     def moments(self, xp: Any, view: Any, layout: Layout,

@@ -25,6 +25,7 @@ class Layout:
 
     @property
     def grouped(self) -> bool:
+        """Whether the batch axis is split into micro-batches."""
         return self.micro_batch is not None
 
     @property
@@ -36,6 +37,7 @@ class Layout:
 
     @property
     def view_feature_axes(self) -> tuple[int, ...]:
+        """The feature axes in the view's coordinates."""
         return tuple(a + 1 for a in self.feature_axes) if self.grouped else self.feature_axes
 
     @property
@@ -69,6 +71,7 @@ class Layout:
 
 
 def _normalize_axes(ndim: int, feature_axis: int | tuple[int, ...]) -> tuple[int, ...]:
+    """``feature_axis`` as sorted non-negative axes, checked against ``ndim``."""
     axes = feature_axis if isinstance(feature_axis, tuple) else (feature_axis,)
     normalized = []
     for axis in axes:
@@ -95,6 +98,7 @@ def make_layout(shape: tuple[int, ...], feature_axis: int | tuple[int, ...],
 @lru_cache(maxsize=256)
 def _make_layout(shape: tuple[int, ...], feature_axis: int | tuple[int, ...],
                  micro_batch: int | None, training: bool) -> Layout:
+    """``make_layout`` on a hashable shape (the cached part)."""
     if training and len(shape) < 2:
         raise ValueError(f"x must have at least 2 dimensions (a batch axis and a feature "
                          f"axis) in training, got shape {shape}")

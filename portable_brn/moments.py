@@ -11,8 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
-from array_api_compat import array_namespace
-
+from .inputs import floating_namespace, per_feature_namespace
 from .layout import Layout, make_layout
 
 __all__ = ["Moments", "accumulator_dtype", "compute_dtype", "merge_moments", "moments"]
@@ -50,9 +49,13 @@ def accumulator_dtype(xp: Any, dtype: Any) -> Any:
     return dtype
 
 
-def reduce_sum(xp: Any, array: Any, axes: tuple[int, ...], accumulator: Any) -> Any:
-    """Sum over ``axes`` (kept as size 1) in ``accumulator``, returned in the input's dtype."""
+def reduce_sum(xp: Any, array: Any, axes: tuple[int, ...], accumulator: Any,
+               count: int = 1) -> Any:
+    """Sum over ``axes`` (kept as size 1) in ``accumulator``, divided by ``count`` before
+    it is returned in the input's dtype (so a mean rounds once, not twice)."""
     total = xp.sum(array, axis=axes, keepdims=True, dtype=accumulator)
+    if count != 1:
+        total = total / count
     return total if total.dtype == array.dtype else xp.astype(total, array.dtype)
 
 
@@ -66,11 +69,11 @@ def view_moments(xp: Any, view: Any, layout: Layout, replica_mean: ReplicaMean =
     """
     axes = layout.reduce_axes
     accumulator = accumulator or accumulator_dtype(xp, view.dtype)
-    mean = reduce_sum(xp, view, axes, accumulator) / layout.count
+    mean = reduce_sum(xp, view, axes, accumulator, layout.count)
     if replica_mean is not None:
         mean = replica_mean(mean)
     centered = view - mean
-    var = reduce_sum(xp, centered * centered, axes, accumulator) / layout.count
+    var = reduce_sum(xp, centered * centered, axes, accumulator, layout.count)
     if replica_mean is not None:
         var = replica_mean(var)
     return mean, var
@@ -82,7 +85,7 @@ def moments(x: Any, feature_axis: int | tuple[int, ...] = 1, *,
 
     With ``micro_batch`` the result has a leading axis, one entry per group.
     """
-    xp = array_namespace(x)
+    xp = floating_namespace("x", x)
     # one value per feature is a valid (zero-variance) sample here, unlike in training
     layout = make_layout(x.shape, feature_axis, micro_batch, training=micro_batch is not None)
     view = xp.reshape(as_compute(xp, x), layout.view_shape)
@@ -102,11 +105,17 @@ def merge_two(a: Moments, b: Moments) -> Moments:
     return Moments(mean, var, count)
 
 
-def merge_moments(parts: Iterable[Moments]) -> Moments:
-    """Exact pooled mean and biased variance of all ``parts`` together."""
-    pooled = None
-    for part in parts:
-        pooled = part if pooled is None else merge_two(pooled, part)
-    if pooled is None:
-        raise ValueError("merge_moments needs at least one Moments, got none")
+def merge_moments(parts: Iterable[Moments], *, name: str = "parts") -> Moments:
+    """Exact pooled mean and biased variance of all ``parts`` together.
+
+    Every part must share the first one's library, device and feature shape; errors call
+    the parts ``name[i]``.
+    """
+    parts = iter(parts)
+    first = pooled = next(parts, None)
+    if first is None:
+        raise ValueError(f"{name} must yield at least one batch, got none")
+    for index, part in enumerate(parts, start=1):
+        per_feature_namespace(**{f"{name}[0]": first.mean, f"{name}[{index}]": part.mean})
+        pooled = merge_two(pooled, part)
     return pooled

@@ -88,7 +88,7 @@ def _at(a: np.ndarray, task: Task) -> np.ndarray:
 class _Canonical:
     """One call's arrays as ``(groups, rows, features, cols)`` and its blocks of work."""
 
-    def __init__(self, layout: Layout, shape: tuple[int, int, int, int]):
+    def __init__(self, layout: Layout, shape: tuple[int, int, int, int]) -> None:
         self.layout, self.shape = layout, shape
 
     def tasks(self, block_elements: int = _BLOCK_ELEMENTS,
@@ -103,6 +103,7 @@ class _Canonical:
                 for f in range(0, features, feature_step)]
 
     def array(self, a: np.ndarray) -> np.ndarray:
+        """A full-size array of the call viewed as ``(groups, rows, features, cols)``."""
         return np.reshape(a, self.shape)
 
     def per_feature(self, a: np.ndarray) -> np.ndarray:

@@ -6,15 +6,25 @@ example in an iterable of batches, possibly from a new domain, one batch at a ti
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
+from array_api_compat import device
+
 from .config import RenormConfig
-from .inputs import check_floating, namespace_of
-from .moments import Moments, merge_two, moments
-from .state import RenormState
+from .inputs import floating_namespace, namespace_of, per_feature_namespace
+from .moments import Moments, merge_moments, moments
+from .state import RenormState, zero_step
 
 __all__ = ["recalibrate"]
+
+
+def _batch_moments(batches: Iterable[Any], config: RenormConfig) -> Iterator[Moments]:
+    """The moments of each batch, after checking it is a floating array (errors name
+    ``batches[i]``)."""
+    for index, batch in enumerate(batches):
+        floating_namespace(f"batches[{index}]", batch)
+        yield moments(batch, config.feature_axis)
 
 
 def recalibrate(batches: Iterable[Any], config: RenormConfig, *,
@@ -23,25 +33,14 @@ def recalibrate(batches: Iterable[Any], config: RenormConfig, *,
 
     ``std = sqrt(pooled biased variance + eps)``.  The step (and dtype) come from
     ``state`` when given; otherwise the step is 0 and the dtype the compute dtype.
+    Every batch must share the first one's library, device and features.
     """
-    pooled: Moments | None = None
-    for index, batch in enumerate(batches):
-        xp = namespace_of(batch=batch)
-        check_floating(xp, f"batches[{index}]", batch)
-        part = moments(batch, config.feature_axis)
-        if pooled is not None and tuple(part.mean.shape) != tuple(pooled.mean.shape):
-            raise ValueError(f"batches[{index}] has {tuple(part.mean.shape)} features but "
-                             f"earlier batches had {tuple(pooled.mean.shape)}")
-        pooled = part if pooled is None else merge_two(pooled, part)
-    if pooled is None:
-        raise ValueError("batches must yield at least one batch, got none")
+    pooled = merge_moments(_batch_moments(batches, config), name="batches")
+    xp = namespace_of(batches=pooled.mean)
     std = xp.sqrt(pooled.var + config.eps)
     if state is None:
-        step = xp.zeros((), dtype=xp.__array_namespace_info__().default_dtypes()["integral"])
-        return RenormState(pooled.mean, std, step)
-    xp = namespace_of(mean=state.mean, batch=pooled.mean)
-    if tuple(state.mean.shape) != tuple(pooled.mean.shape):
-        raise ValueError(f"state has {tuple(state.mean.shape)} features but the batches "
-                         f"have {tuple(pooled.mean.shape)}")
+        return RenormState(pooled.mean, std, zero_step(xp, device(pooled.mean)))
+    per_feature_namespace(**{"batches": pooled.mean, "state.mean": state.mean,
+                             "state.std": state.std})
     return RenormState(xp.astype(pooled.mean, state.mean.dtype),
                        xp.astype(std, state.std.dtype), state.step)

@@ -12,7 +12,13 @@ from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 from .config import RenormConfig
-from .inputs import check_floating, check_param, check_same_device, namespace_of
+from .inputs import (
+    check_floating,
+    check_param,
+    check_same_device,
+    namespace_of,
+    per_feature_namespace,
+)
 from .kernels import kernel_for
 from .layout import Layout, make_layout
 from .moments import Moments, ReplicaMean, compute_dtype, merge_moments
@@ -116,14 +122,9 @@ def corrections(xp: Any, batch_mean: Any, batch_std: Any, mean: Any, std: Any, s
     return r, d
 
 
-def update_state(state: RenormState, batch_mean: Any, batch_std: Any,
+def _moved_state(xp: Any, state: RenormState, batch_mean: Any, batch_std: Any,
                  config: RenormConfig) -> tuple[RenormState, Any]:
-    """Move the statistics toward the batch's by ``config.momentum``; step + 1.
-
-    A feature whose batch statistic is not finite keeps its old statistics.  Returns the
-    new state and the per-feature ``finite`` flags.
-    """
-    xp = namespace_of(mean=state.mean, batch_mean=batch_mean, batch_std=batch_std)
+    """``update_state`` on arguments already checked (the training step's own)."""
     finite = xp.isfinite(batch_mean) & xp.isfinite(batch_std)
 
     def moved(old: Any, target: Any) -> Any:
@@ -135,13 +136,26 @@ def update_state(state: RenormState, batch_mean: Any, batch_std: Any,
     return new_state, finite
 
 
+def update_state(state: RenormState, batch_mean: Any, batch_std: Any,
+                 config: RenormConfig) -> tuple[RenormState, Any]:
+    """Move the statistics toward the batch's by ``config.momentum``; step + 1.
+
+    A feature whose batch statistic is not finite keeps its old statistics.  Returns the
+    new state and the per-feature ``finite`` flags.
+    """
+    xp = per_feature_namespace(**{"state.mean": state.mean, "state.std": state.std,
+                                  "batch_mean": batch_mean, "batch_std": batch_std})
+    return _moved_state(xp, state, batch_mean, batch_std, config)
+
+
 def deferred_update(state: RenormState, parts: Iterable[Moments],
                     config: RenormConfig) -> tuple[RenormState, Any]:
     """One update from the pooled moments of several calls (recurrent use: every
     timestep normalized with the same statistics, then one update from all of them)."""
     pooled = merge_moments(parts)
-    xp = namespace_of(mean=pooled.mean)
-    return update_state(state, pooled.mean, xp.sqrt(pooled.var + config.eps), config)
+    xp = per_feature_namespace(**{"state.mean": state.mean, "state.std": state.std,
+                                  "parts": pooled.mean})
+    return _moved_state(xp, state, pooled.mean, xp.sqrt(pooled.var + config.eps), config)
 
 
 def _pooled(xp: Any, mean: Any, var: Any, layout: Layout) -> Moments:
@@ -213,7 +227,7 @@ def forward_train(x: Any, state: RenormState, weight: Any, bias: Any, config: Re
     finite = xp.isfinite(target_mean) & xp.isfinite(target_std)
     new_state = state
     if not defer_update:
-        new_state, finite = update_state(state, target_mean, target_std, config)
+        new_state, finite = _moved_state(xp, state, target_mean, target_std, config)
     saved_weight = None if weight is None else _per_feature(xp, weight, layout, weight.dtype)
     residuals = Residuals(view, batch_mean, inv_std, r, d, saved_weight, clipped_z, clip_mask,
                           _pooled(xp, no_grad(batch_mean), no_grad(batch_var), layout),
@@ -243,6 +257,7 @@ def backward(residuals: Residuals, dy: Any) -> tuple[Any, Any, Any]:
         raise ValueError(f"dy has shape {tuple(dy.shape)} but the forward input had "
                          f"shape {layout.shape}")
     check_floating(xp, "dy", dy)
+    check_same_device(dy=dy, x=res.x)
     kernel = kernel_for(xp, res.replica_mean)
     grad = xp.reshape(dy, layout.view_shape)
     dtype = res.batch_inv_std.dtype

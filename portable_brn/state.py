@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-__all__ = ["RenormState", "init_state"]
+__all__ = ["RenormState", "init_state", "zero_step"]
 
 
 class RenormState(NamedTuple):
@@ -32,9 +32,14 @@ def init_state(num_features: int | tuple[int, ...], *, xp: Any,
         raise ValueError(f"num_features must be a positive int or a tuple of them, "
                          f"got {num_features!r}")
     dtype = xp.float32 if dtype is None else dtype
-    int_dtype = xp.__array_namespace_info__().default_dtypes(device=device)["integral"]
     return RenormState(
         mean=xp.zeros(shape, dtype=dtype, device=device),
         std=xp.ones(shape, dtype=dtype, device=device),
-        step=xp.zeros((), dtype=int_dtype, device=device),
+        step=zero_step(xp, device),
     )
+
+
+def zero_step(xp: Any, device: Any | None = None) -> Any:
+    """A step counter at 0 on ``device``, in the namespace's default integer dtype."""
+    integral = xp.__array_namespace_info__().default_dtypes(device=device)["integral"]
+    return xp.zeros((), dtype=integral, device=device)

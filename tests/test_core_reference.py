@@ -58,25 +58,37 @@ def _batch(rng: np.random.Generator, shape: tuple[int, ...], step: int) -> np.nd
     return drift + scale * rng.standard_normal(shape)
 
 
+def _scenario_data(shape: tuple[int, ...], features: tuple[int, ...]) -> tuple[Any, Any, list]:
+    """Float64 weight, bias and, per step, ``(x, dy, x_eval or None)``: the same data for
+    every dtype, backend and affine choice, so the clip check below sees what they see."""
+    rng = np.random.default_rng(7)
+    weight = 1.0 + 0.3 * rng.standard_normal(features)
+    bias = 0.2 * rng.standard_normal(features)
+    steps = []
+    for step in range(STEPS):
+        x, dy = _batch(rng, shape, step), rng.standard_normal(shape)
+        x_eval = _batch(rng, (3, *shape[1:]), step) if step % 5 == 4 else None
+        steps.append((x, dy, x_eval))
+    return weight, bias, steps
+
+
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=[s[0] for s in SCENARIOS])
 def test_matches_reference_over_many_steps(backend, scenario, dtype, affine) -> None:
     _, shape, core_options, ref_options, first_step = scenario
-    rng = np.random.default_rng(7)
     features = _feature_shape(shape, core_options.get("feature_axis", 1))
     config = pb.RenormConfig(**core_options)
-    weight = 1.0 + 0.3 * rng.standard_normal(features) if affine else None
-    bias = 0.2 * rng.standard_normal(features) if affine else None
+    weight, bias, steps = _scenario_data(shape, features)
+    weight, bias = (weight, bias) if affine else (None, None)
     ref_state = {"mean": np.zeros(features), "std": np.ones(features), "step": first_step}
     state = pb.RenormState(*backend.put(np.zeros(features, dtype), np.ones(features, dtype),
                                         np.asarray(first_step)))
     w, b = backend.put(None if weight is None else weight.astype(dtype),
                        None if bias is None else bias.astype(dtype))
     worst: dict[str, float] = {}
-    for step in range(STEPS):
-        x = _batch(rng, shape, step).astype(dtype)
-        dy = rng.standard_normal(shape).astype(dtype)
+    for x, dy, x_eval in steps:
+        x, dy = x.astype(dtype), dy.astype(dtype)
         expected = ref.train_step(x, ref_state["mean"], ref_state["std"], ref_state["step"],
                                   weight, bias, dy, **ref_options)
         y, state, residuals = pb.forward_train(backend.put(x), state, w, b, config)
@@ -88,8 +100,8 @@ def test_matches_reference_over_many_steps(backend, scenario, dtype, affine) -> 
             pairs.update(dweight=(dweight, expected["dweight"]), dbias=(dbias, expected["dbias"]))
         else:
             assert dweight is None and dbias is None
-        if step % 5 == 4:
-            x_eval = _batch(rng, (3, *shape[1:]), step).astype(dtype)
+        if x_eval is not None:
+            x_eval = x_eval.astype(dtype)
             pairs["infer"] = (pb.forward_infer(backend.put(x_eval), state, w, b, config),
                               ref.infer(x_eval, ref_state["mean"], ref_state["std"], weight, bias,
                                         feature_axis=config.feature_axis))
@@ -101,16 +113,25 @@ def test_matches_reference_over_many_steps(backend, scenario, dtype, affine) -> 
     assert all(err <= bound for err in worst.values()), worst
 
 
-def test_clips_bind_in_scenarios() -> None:
-    """The scenarios exercise clipping: some r and some d sit at their limits."""
-    rng = np.random.default_rng(7)
-    _, shape, _, ref_options, first = SCENARIOS[0]
-    mean, std, hits_r, hits_d = np.zeros(3), np.ones(3), 0, 0
-    for step in range(STEPS):
-        out = ref.train_step(_batch(rng, shape, step), mean, std, first + step, **ref_options)
-        rng.standard_normal(shape)  # keep the stream aligned with the test above
-        r_max = ref.evaluate_schedule(ref_options["r_max"], first + step)
-        hits_r += int(np.sum(np.isclose(out["r"], r_max) | np.isclose(out["r"], 1 / r_max)))
-        hits_d += int(np.sum(np.isclose(np.abs(out["d"]), ref_options["d_max"])))
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=[s[0] for s in SCENARIOS])
+def test_clips_bind_in_scenarios(scenario) -> None:
+    """Each scenario's data makes the clips bind for real: after warm-up, some r sits at
+    r_min or r_max while r_max > 1, and some |d| at d_max while d_max > 0 (r = 1 = r_max
+    and d = 0 = d_max are no clip)."""
+    _, shape, core_options, ref_options, first = scenario
+    features = _feature_shape(shape, core_options.get("feature_axis", 1))
+    mean, std, hits_r, hits_d = np.zeros(features), np.ones(features), 0, 0
+    for offset, (x, _, _) in enumerate(_scenario_data(shape, features)[2]):
+        step = first + offset
+        out = ref.train_step(x, mean, std, step, **ref_options)
         mean, std = out["mean"], out["std"]
-    assert hits_r > 10 and hits_d > 10
+        r_max = ref.evaluate_schedule(ref_options["r_max"], step)
+        r_min = ref.evaluate_schedule(ref_options.get("r_min", 1.0 / r_max), step)
+        d_max = ref.evaluate_schedule(ref_options["d_max"], step)
+        if step < ref_options.get("warmup_steps", 0):
+            continue
+        if r_max > 1.0:
+            hits_r += int(np.sum((out["r"] == r_max) | (out["r"] == r_min)))
+        if d_max > 0.0:
+            hits_d += int(np.sum(np.abs(out["d"]) == d_max))
+    assert hits_r > 0 and hits_d > 0, (hits_r, hits_d)

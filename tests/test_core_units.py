@@ -88,7 +88,8 @@ def test_recalibrate_matches_reference() -> None:
     assert rel_err(exact.mean, mean) < 1e-13 and rel_err(exact.std, std) < 1e-13
     with pytest.raises(ValueError, match=r"^batches must yield at least one batch"):
         pb.recalibrate([], pb.RenormConfig())
-    with pytest.raises(ValueError, match=r"^batches\[1\] has \(2,\) features"):
+    with pytest.raises(ValueError, match=r"^batches\[1\] has shape \(2,\) but batches\[0\] "
+                                         r"has \(3,\)"):
         pb.recalibrate([batches[0], np.ones((4, 2, 4))], pb.RenormConfig())
 
 
