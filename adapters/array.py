@@ -96,6 +96,12 @@ class BatchRenorm:
 
     __call__ = forward
 
+    @property
+    def last_finite(self) -> Any:
+        """Per feature, whether the last training batch's statistics were finite (where
+        not, the moving statistics were left as they were); None before training."""
+        return None if self._residuals is None else self._residuals.finite
+
     def backward(self, dy: Any) -> Any:
         """``dL/dx`` for the last training ``forward``; stores ``grad_weight``/``grad_bias``."""
         if self._residuals is None:

@@ -35,7 +35,7 @@ from portable_brn.layout import make_layout
 from portable_brn.schedules import ScheduleLike
 from portable_brn.state import RenormState, init_state
 
-from .jax import renorm_infer, renorm_train
+from .jax import as_jax_array, renorm_infer, renorm_train
 
 __all__ = ["BatchRenorm", "NnxBatchRenorm"]
 
@@ -65,7 +65,7 @@ def _normalize(x: jax.Array, state: RenormState, scale: jax.Array | None,
     """``(y, new_state, finite)`` with Flax's dtype rule: the output dtype is ``dtype``,
     else the promotion of the input and parameters; the input is widened first when
     that dtype is wider, so no precision is lost on the way."""
-    x = jnp.asarray(x)
+    x = as_jax_array(x, "x")
     check_floating(jnp, "x", x)
     out_dtype = dtype if dtype is not None else jnp.result_type(
         x, *(p for p in (scale, bias) if p is not None))

@@ -32,8 +32,8 @@ from portable_brn.moments import ReplicaMean
 from portable_brn.renorm import Residuals, backward, forward_infer, forward_train
 from portable_brn.state import RenormState, init_state
 
-__all__ = ["RenormState", "TrainOutput", "XlaKernel", "batch_renorm", "init", "renorm_infer",
-           "renorm_train"]
+__all__ = ["RenormState", "TrainOutput", "XlaKernel", "as_jax_array", "batch_renorm", "init",
+           "renorm_infer", "renorm_train"]
 
 
 class TrainOutput(NamedTuple):
@@ -167,13 +167,29 @@ def _train_core_vjp_bwd(sync: _Sync, primals: tuple, cotangent: TrainOutput) -> 
 _train_core_vjp.defvjp(_train_core_vjp_fwd, _train_core_vjp_bwd)
 
 
+_JAX_COMPATIBLE = (jax.Array, np.ndarray, np.generic, bool, int, float, complex)
+
+
+def as_jax_array(value: Any, name: str) -> jax.Array:
+    """``value`` as a JAX array: JAX arrays, NumPy arrays and Python scalars are taken, as
+    everywhere in JAX; another library's array is a ``TypeError`` naming ``name`` (SPEC
+    section 7: arrays of different libraries are not mixed in one call)."""
+    if not isinstance(value, _JAX_COMPATIBLE):
+        kind = type(value)
+        raise TypeError(f"{name} must be a JAX array, a NumPy array or a Python scalar, got "
+                        f"{kind.__module__}.{kind.__qualname__}")
+    return jnp.asarray(value)
+
+
 def _as_jax(x: Any, state: Any, weight: Any, bias: Any) -> tuple:
-    """JAX arrays from array-likes (NumPy input is welcome, as everywhere in JAX)."""
+    """The call's arrays as JAX arrays (see ``as_jax_array``); ``None`` stays ``None``."""
 
-    def convert(array: Any) -> jax.Array | None:
-        return None if array is None else jnp.asarray(array)
+    def convert(array: Any, name: str) -> jax.Array | None:
+        return None if array is None else as_jax_array(array, name)
 
-    return convert(x), RenormState(*map(convert, state)), convert(weight), convert(bias)
+    fields = RenormState(*state)._asdict()
+    state = RenormState(**{k: convert(v, f"state.{k}") for k, v in fields.items()})
+    return convert(x, "x"), state, convert(weight, "weight"), convert(bias, "bias")
 
 
 def renorm_train(x: jax.Array, state: RenormState, weight: jax.Array | None,

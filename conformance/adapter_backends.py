@@ -98,8 +98,12 @@ class _ArrayLayerSession(Session):
         self.layer.load_state_dict(arrays)
 
     def _state(self) -> dict[str, Any]:
+        """The state after a training step, with the step's per-feature finite flags:
+        the layer keeps them only in its private residuals (``nonfinite_batches``
+        counts batches, not features)."""
         state = self.layer.state
-        return {"mean": state.mean, "std": state.std, "step": state.step}
+        return {"mean": state.mean, "std": state.std, "step": state.step,
+                "finite": self.layer.last_finite}
 
     def train(self, x: np.ndarray, dy: np.ndarray) -> Outputs:
         y = self.layer.forward(self.base.asarray(x, self.x_dtype), training=True)
@@ -187,7 +191,8 @@ class _JaxFunctionalSession(_JaxSession):
 
 
 class _JaxAdapterBackend(AdapterBackend):
-    """Common ground of the JAX adapters: x64 for the run, the quick case subset."""
+    """Common ground of the JAX adapters: x64 for the run, the quick case subset below
+    float64."""
 
     dtypes = ("float64", "float32", "bfloat16")
     quick_cases = QUICK_CASES
@@ -292,11 +297,12 @@ class _NnxSession(_JaxSession):
             def forward(x: Any, params: Any, stats: Any) -> tuple:
                 # stats is a primal (its cotangent unused): nnx mutates it on this trace
                 model = nnx.merge(graphdef, params, stats)
-                y = model(x, use_running_average=False)
-                return y, nnx.state(model, nnx.BatchStat)
-            y, pullback, new_stats = self.jax.vjp(forward, x, params, stats, has_aux=True)
+                y, sown = nnx.capture(model, nnx.Intermediate)(x, use_running_average=False)
+                return y, (nnx.state(model, nnx.BatchStat), sown["finite"][...])
+            y, pullback, (new_stats, finite) = self.jax.vjp(forward, x, params, stats,
+                                                            has_aux=True)
             dx, dparams, _ = pullback(dy.astype(y.dtype))
-            return y, dx, dparams, new_stats
+            return y, dx, dparams, new_stats, finite
 
         def infer(params: Any, stats: Any, x: Any) -> Any:
             return nnx.merge(graphdef, params, stats)(x, use_running_average=True)
@@ -305,11 +311,11 @@ class _NnxSession(_JaxSession):
         self.train_fn, self.infer_fn = self.jax.jit(train), self.jax.jit(infer)
 
     def train(self, x: np.ndarray, dy: np.ndarray) -> Outputs:
-        y, dx, dparams, self.stats = self.train_fn(
+        y, dx, dparams, self.stats, finite = self.train_fn(
             self.params, self.stats, self.put(x, self.x_dtype), self.put(dy, self.x_dtype))
         grads = self.pure(dparams)
         return _host({"y": y, "dx": dx, "dweight": grads.get("scale"),
-                      "dbias": grads.get("bias"), **self.pure(self.stats)})
+                      "dbias": grads.get("bias"), **self.pure(self.stats), "finite": finite})
 
     def infer(self, x: np.ndarray) -> Outputs:
         return _host({"y": self.infer_fn(self.params, self.stats, self.put(x, self.x_dtype))})
@@ -371,7 +377,7 @@ class _TorchModuleSession(Session):
                       "dweight": None if weight is None else weight.grad,
                       "dbias": None if bias is None else bias.grad,
                       "mean": layer.running_mean, "std": layer.running_std,
-                      "step": layer.num_batches_tracked})
+                      "step": layer.num_batches_tracked, "finite": layer.last_finite})
 
     def infer(self, x: np.ndarray) -> Outputs:
         with self.torch.no_grad():

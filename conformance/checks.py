@@ -78,15 +78,15 @@ class Worst:
 def compare_to_expected(case: Case, outputs: Sequence[Mapping[str, np.ndarray]]
                         ) -> dict[str, Worst]:
     """The worst error per check of one run of ``case``.  Checks with nothing to compare
-    are left out; an output a backend does not report (an adapter without ``finite``
-    flags) is not compared."""
+    are left out; an expected output the backend does not report fails its check."""
     worst: dict[str, Worst] = {}
     for i, (op, out) in enumerate(zip(case.ops, outputs, strict=True)):
         for name, ref in op.expected.items():
-            if name in out:
-                check = check_name(op.kind, name)
-                found = Worst(_error(name, out[name], ref), f"{case.name} op {i} {name}")
-                worst[check] = worst.get(check, Worst()) | found
+            where = f"{case.name} op {i} {name}"
+            found = (Worst(_error(name, out[name], ref), where) if name in out
+                     else Worst(math.nan, f"{where} not reported"))
+            check = check_name(op.kind, name)
+            worst[check] = worst.get(check, Worst()) | found
     return worst
 
 

@@ -32,8 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--case", action="append", metavar="NAME",
                         help="a case to run (repeatable, or comma-separated); default: all")
     parser.add_argument("--all-cases", action="store_true",
-                        help="run every case on the slow backends too (JAX, dask), "
-                             "not only their quick subset")
+                        help="run every case at every dtype on the slow backends (JAX, "
+                             "dask) too; by default they run every case at float64 and a "
+                             "quick subset at lower precision")
     parser.add_argument("--no-properties", action="store_true",
                         help="skip the property checks")
     parser.add_argument("--json", type=Path, metavar="PATH",

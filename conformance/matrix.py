@@ -173,7 +173,7 @@ def build(backends: Sequence[Backend], cases: Sequence[Case], *, all_cases: bool
           progress: Callable[[str], None] | None = None) -> Matrix:
     """Run every case on every backend and dtype, then the pairwise and property checks.
 
-    ``all_cases`` lifts the quick subsets of slow backends; ``progress`` is told the
+    ``all_cases`` lifts the low-precision quick subsets of slow backends; ``progress`` is told the
     name of each backend and dtype as it starts.
     """
     rows: list[Row] = []

@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 __all__ = [
     "evaluate_schedule",
@@ -44,6 +45,7 @@ __all__ = [
 ]
 
 Schedule = float | dict | Callable[[int], float]
+FeatureAxis = int | Sequence[int]
 
 _PAPER_SCHEDULES = {
     # r_max = 1 until step 5000, then linear to 3 at step 40000, constant afterwards.
@@ -151,23 +153,23 @@ def _f64(a) -> np.ndarray | None:
 
 
 def train_step(
-    x,
-    mean,
-    std,
-    step,
-    weight=None,
-    bias=None,
-    dy=None,
+    x: ArrayLike,
+    mean: ArrayLike,
+    std: ArrayLike,
+    step: int,
+    weight: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
+    dy: ArrayLike | None = None,
     *,
-    feature_axis=1,
-    eps=1e-3,
-    momentum=0.01,
+    feature_axis: FeatureAxis = 1,
+    eps: float = 1e-3,
+    momentum: float = 0.01,
     r_max: Schedule = 3.0,
     d_max: Schedule = 5.0,
     r_min: Schedule | None = None,
-    warmup_steps=0,
-    micro_batch=None,
-    output_clip=None,
+    warmup_steps: int = 0,
+    micro_batch: int | None = None,
+    output_clip: tuple[float | None, float | None] | None = None,
 ) -> dict[str, Any]:
     """One Batch Renormalization training step (SPEC.md sections 2, 4 and 5), float64.
 
@@ -310,7 +312,8 @@ def _broadcastable(a: np.ndarray, ndim: int, shape, feature_axes: tuple[int, ...
     return a.reshape(target)
 
 
-def infer(x, mean, std, weight=None, bias=None, *, feature_axis=1) -> np.ndarray:
+def infer(x: ArrayLike, mean: ArrayLike, std: ArrayLike, weight: ArrayLike | None = None,
+          bias: ArrayLike | None = None, *, feature_axis: FeatureAxis = 1) -> np.ndarray:
     """Inference (SPEC.md section 3): ``y = weight * (x - mean) / std + bias``, float64."""
     x = np.asarray(x, dtype=np.float64)
     feature_axes = _feature_axes(feature_axis, x.ndim)
@@ -341,7 +344,8 @@ def _pooled_moments(x: np.ndarray, feature_axes: tuple[int, ...], eps: float):
     return means.reshape(feature_shape), stds.reshape(feature_shape)
 
 
-def recalibrate(batches: Iterable, *, feature_axis=1, eps=1e-3) -> tuple[np.ndarray, np.ndarray]:
+def recalibrate(batches: Iterable[ArrayLike], *, feature_axis: FeatureAxis = 1,
+                eps: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
     """Population statistics over ``batches`` (concatenated along axis 0).
 
     Returns ``(mean, sqrt(biased_var + eps))`` per feature, in float64.
@@ -357,7 +361,13 @@ def recalibrate(batches: Iterable, *, feature_axis=1, eps=1e-3) -> tuple[np.ndar
 
 
 def recurrent_steps(
-    xs: Sequence, mean, std, step, weight=None, bias=None, **options
+    xs: Sequence[ArrayLike],
+    mean: ArrayLike,
+    std: ArrayLike,
+    step: int,
+    weight: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
     """Normalize every timestep with the same state, then update the state once.
 

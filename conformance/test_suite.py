@@ -6,8 +6,9 @@ inference, gradients and state to the reference within SPEC section 6;
 ``test_properties`` runs the property checks on every namespace backend;
 ``test_backend_available`` skips, with the reason, each backend that cannot run here.
 
-Only the combinations that apply are collected (slow backends keep to their quick
-subset, see ``backends.QUICK_CASES``).  Runs are cached per process and the tests of one
+Only the combinations that apply are collected: every backend runs every case it
+supports at float64; below float64 slow backends keep to their quick subset (see
+``backends.QUICK_CASES``).  Runs are cached per process and the tests of one
 case share an xdist group, so under ``--dist loadgroup`` the pairwise test reuses the
 float64 runs of its case.
 """

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import types
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -43,6 +44,25 @@ def test_step_and_finite_must_match_exactly() -> None:
     assert checks.compare_to_expected(CASE, outputs)["state"].error == math.inf
 
 
+def test_an_output_a_backend_does_not_report_fails_its_check() -> None:
+    outputs = [dict(op.expected) for op in CASE.ops]
+    del outputs[0]["finite"]
+    worst = checks.compare_to_expected(CASE, outputs)["state"]
+    assert math.isnan(worst.error) and worst.where == f"{CASE.name} op 0 finite not reported"
+
+
+@pytest.mark.parametrize("name", ["layer-numpy", "torch-modules", "jax-adapter",
+                                  "flax-linen", "flax-nnx"])
+def test_adapter_backends_report_the_finite_flags(name: str) -> None:
+    [backend] = registry.resolve([name])
+    if backend.skip_reason:
+        pytest.skip(f"{name}: {backend.skip_reason}")
+    nonfinite = {case.name: case for case in golden.load()}["nonfinite"]
+    outputs = backend.run(nonfinite, "float64")
+    flags = [out["finite"].tolist() for out in outputs[:3]]
+    assert flags == [[True, False, True, True], [True, True, True, False], [True] * 4]
+
+
 def test_a_perturbed_output_fails_the_float64_bound() -> None:
     outputs = [dict(op.expected) for op in CASE.ops]
     assert all(w.passes(0.0) for w in checks.compare_to_expected(CASE, outputs).values())
@@ -50,6 +70,38 @@ def test_a_perturbed_output_fails_the_float64_bound() -> None:
     worst = checks.compare_to_expected(CASE, outputs)["gradients"]
     assert not worst.passes(checks.TOLERANCE["float64"])
     assert worst.where == f"{CASE.name} op 1 dx"
+
+
+def test_every_backend_runs_every_case_it_supports_at_float64() -> None:
+    cases = golden.load()
+    for backend in registry.all_backends():
+        for case in cases:
+            assert backend.applies(case, "float64") == backend.supports(case), backend.name
+    jax = backends.JaxBackend()
+    warmup = next(case for case in cases if case.name == "warmup")
+    assert jax.applies(warmup, "float32") == ("outside the float32 quick subset of jax "
+                                              "(see --all-cases)")
+    assert jax.applies(warmup, "float32", all_cases=True) is None
+
+
+def test_jax_traces_each_step_function_once_per_case() -> None:
+    """55 training steps and 55 inference calls: one compile each, not one per step."""
+    backend = backends.JaxBackend()
+    if backend.skip_reason:
+        pytest.skip(backend.skip_reason)
+    traces: Counter[str] = Counter()
+    jit = backend.compile
+
+    def counting(fn):
+        def traced(*args):
+            traces[fn.__name__] += 1  # runs only while JAX traces
+            return fn(*args)
+        return jit(traced)
+
+    backend.compile = counting
+    long_run = next(case for case in golden.load() if case.name == "long_run")
+    backend.run(long_run, "float64")
+    assert traces == {"train": 1, "infer": 1}
 
 
 def test_read_only_backend_refuses_in_place_writes() -> None:
@@ -72,8 +124,8 @@ def test_outputs_come_back_as_float64_numpy() -> None:
 
 
 def test_resolve_accepts_lists_and_modules() -> None:
-    names = [b.name for b in registry.resolve(["numpy,array_api_strict", "numpy", "torch"])]
-    assert names == ["numpy", "array_api_strict", "torch"]
+    names = [b.name for b in registry.resolve(["numpy,strict", "numpy", "torch"])]
+    assert names == ["numpy", "strict", "torch"]
     [third_party] = registry.resolve(["array_api_compat.numpy"])
     assert third_party.skip_reason is None
     assert third_party.available_dtypes() == ("float64", "float32", "float16")

@@ -18,7 +18,7 @@ QUICK = ["--case", "rank2_features_last,micro_batch", "--no-properties"]
 
 def test_matrix_json_and_exit_status(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     path = tmp_path / "matrix.json"
-    status = cli.main(["--backend", "numpy", "--backend", "array_api_strict", *QUICK,
+    status = cli.main(["--backend", "numpy", "--backend", "strict", *QUICK,
                        "--json", str(path)])
     out = capsys.readouterr().out
     assert status == 0
@@ -29,10 +29,10 @@ def test_matrix_json_and_exit_status(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert document["failed"] is False
     rows = {(r["backend"], r["dtype"]): r for r in document["rows"]}
     assert set(rows) == {("numpy", "float64"), ("numpy", "float32"), ("numpy", "float16"),
-                         ("array_api_strict", "float64"), ("array_api_strict", "float32")}
+                         ("strict", "float64"), ("strict", "float32")}
     cell = rows["numpy", "float64"]["cells"]["gradients"]
     assert cell["status"] == "pass" and cell["error"] < 1e-12
-    assert rows["numpy", "float64"]["cells"]["pairwise"]["where"].startswith("vs array_api_strict")
+    assert rows["numpy", "float64"]["cells"]["pairwise"]["where"].startswith("vs strict")
 
 
 def test_properties_column(capsys: pytest.CaptureFixture) -> None:
@@ -46,6 +46,28 @@ def test_third_party_module(capsys: pytest.CaptureFixture) -> None:
     """Any importable module exposing an Array API namespace is a backend."""
     assert cli.main(["--backend", "array_api_compat.numpy", *QUICK]) == 0
     assert "array_api_compat.numpy" in capsys.readouterr().out
+
+
+def test_array_api_strict_by_module_name_takes_the_plug_in_path(tmp_path: Path) -> None:
+    """The README's plug-in example: no built-in backend is called ``array_api_strict``,
+    so the name is imported as a module and the core runs on its namespace."""
+    pytest.importorskip("array_api_strict")
+    assert "array_api_strict" not in {b.name for b in registry.all_backends()}
+    [backend] = registry.resolve(["array_api_strict"])
+    assert type(backend) is CoreBackend
+    assert backend.about == "the core on the namespace of module array_api_strict"
+    path = tmp_path / "matrix.json"
+    assert cli.main(["--backend", "array_api_strict", "--case",
+                     "rank2_features_last,micro_batch", "--json", str(path)]) == 0
+    rows = {r["dtype"]: r for r in json.loads(path.read_text())["rows"]}
+    assert set(rows) == {"float64", "float32"}
+    assert {r["backend"] for r in rows.values()} == {"array_api_strict"}
+    assert rows["float64"]["cases_run"] == 2
+    cells = rows["float64"]["cells"]
+    assert set(cells) == {"forward", "inference", "gradients", "state", "pairwise",
+                          "properties"}
+    assert all(cells[c]["status"] == "pass" for c in cells if c != "pairwise")
+    assert cells["gradients"]["error"] < 1e-12
 
 
 def test_a_failing_backend_fails_the_command(monkeypatch: pytest.MonkeyPatch,

@@ -16,7 +16,7 @@ from portable_brn.adapters.array import BatchRenorm
 from portable_brn.conformance import reference as ref
 from portable_brn.conformance.arrays import to_numpy
 
-from conftest import Backend, rel_err
+from conftest import BACKEND_NAMES, Backend, rel_err
 
 CONFIG = pb.RenormConfig()
 
@@ -40,14 +40,23 @@ def _assert_same(before: list, after: list) -> None:
         np.testing.assert_array_equal(new, old)
 
 
+TWO_DEVICES = ["strict", "strict-device1"]  # the backends with another device to use
+
+
+def _on_backends(cases: Any) -> list[Any]:
+    """``(backend, case)`` for every case on every backend; a case whose name says
+    "device" only on the backends with a second device (NumPy has one)."""
+    return [pytest.param(name, case, id=f"{name}-{case}") for name in BACKEND_NAMES
+            for case in cases if "device" not in case or name in TWO_DEVICES]
+
+
 def _elsewhere(backend: Backend, array: np.ndarray, where: str) -> Any:
     """``array`` in another library (``where="library"``) or on another device
-    (``"device"``, array-api-strict only) than ``backend``'s."""
+    (``"device"``, for the ``TWO_DEVICES`` backends) than ``backend``'s."""
     strict = pytest.importorskip("array_api_strict")
     if where == "library":
         return strict.asarray(array) if backend.name.startswith("numpy") else np.asarray(array)
-    if not backend.name.startswith("strict"):
-        pytest.skip("NumPy has one device")
+    assert backend.name in TWO_DEVICES
     other = "CPU_DEVICE" if backend.name == "strict-device1" else "device1"
     return strict.asarray(array, device=strict.Device(other))
 
@@ -132,6 +141,7 @@ def test_mixed_libraries(backend) -> None:
         pb.forward_train(x, state, w, b, CONFIG)
 
 
+@pytest.mark.parametrize("backend", TWO_DEVICES, indirect=True)
 def test_mixed_devices(backend) -> None:
     state, w, b = _setup(backend)
     x = _elsewhere(backend, np.ones((4, 3)), "device")
@@ -173,8 +183,9 @@ BAD_DY = {  # dy for a forward on a (4, 3) x, error, message
 }
 
 
-@pytest.mark.parametrize(("dy", "error", "message"), BAD_DY.values(), ids=BAD_DY)
-def test_backward_bad_dy(backend, dy, error, message) -> None:
+@pytest.mark.parametrize(("backend", "case"), _on_backends(BAD_DY), indirect=["backend"])
+def test_backward_bad_dy(backend, case) -> None:
+    dy, error, message = BAD_DY[case]
     state, w, b = _setup(backend)
     _, _, residuals = pb.forward_train(backend.put(np.eye(4, 3)), state, w, b, CONFIG)
     with pytest.raises(error, match=message):
@@ -206,7 +217,8 @@ def test_update_state_feature_size_mismatch(backend, name) -> None:
     _assert_same(before, _host(backend, state))
 
 
-@pytest.mark.parametrize("where", ["library", "device"])
+@pytest.mark.parametrize(("backend", "where"), _on_backends(["library", "device"]),
+                         indirect=["backend"])
 def test_update_state_mixed_library_or_device(backend, where) -> None:
     state, _, _ = _setup(backend)
     before = _host(backend, state)
@@ -240,12 +252,16 @@ def test_deferred_update_bad_parts(backend) -> None:
     _assert_same(before, _host(backend, state))
 
 
-@pytest.mark.parametrize(("where", "error", "message"), [
-    ("library", TypeError, r"^arrays from different libraries .*batches\[0\]: .*batches\[1\]: "),
-    ("device", ValueError, r"^arrays on different devices in one call: batches\[0\] is on .* "
+MIXED_BATCHES = {
+    "library": (TypeError, r"^arrays from different libraries .*batches\[0\]: .*batches\[1\]: "),
+    "device": (ValueError, r"^arrays on different devices in one call: batches\[0\] is on .* "
                            r"but batches\[1\] is on"),
-])
-def test_recalibrate_mixed_batches(backend, where, error, message) -> None:
+}
+
+
+@pytest.mark.parametrize(("backend", "where"), _on_backends(MIXED_BATCHES), indirect=["backend"])
+def test_recalibrate_mixed_batches(backend, where) -> None:
+    error, message = MIXED_BATCHES[where]
     batches = [backend.put(np.ones((4, 3))), _elsewhere(backend, np.zeros((5, 3)), where)]
     with pytest.raises(error, match=message):
         pb.recalibrate(batches, CONFIG)
@@ -354,7 +370,7 @@ FORWARD_CASES = {  # layer options, bad x, error, message, the modes that check 
 }
 
 
-@pytest.mark.parametrize("case", FORWARD_CASES)
+@pytest.mark.parametrize(("backend", "case"), _on_backends(FORWARD_CASES), indirect=["backend"])
 def test_array_layer_forward_rejects_bad_input(backend, case) -> None:
     options, bad, error, message, modes = FORWARD_CASES[case]
     layer = _trained_layer(backend, **options)
@@ -366,8 +382,9 @@ def test_array_layer_forward_rejects_bad_input(backend, case) -> None:
     _assert_snapshot(before, layer)
 
 
-@pytest.mark.parametrize(("dy", "error", "message"), BAD_DY.values(), ids=BAD_DY)
-def test_array_layer_backward_rejects_bad_dy(backend, dy, error, message) -> None:
+@pytest.mark.parametrize(("backend", "case"), _on_backends(BAD_DY), indirect=["backend"])
+def test_array_layer_backward_rejects_bad_dy(backend, case) -> None:
+    dy, error, message = BAD_DY[case]
     layer = _trained_layer(backend)
     before = _layer_snapshot(layer)
     with pytest.raises(error, match=message):
@@ -393,6 +410,7 @@ def test_array_layer_counts_and_warns_on_non_finite_batch() -> None:
     with pytest.warns(RuntimeWarning, match=r"non-finite batch statistics in 1 feature"):
         layer.forward(x)
     assert layer.nonfinite_batches == 1
+    np.testing.assert_array_equal(layer.last_finite, [False, True])
     assert np.all(np.isfinite(layer.state.mean)) and np.all(np.isfinite(layer.state.std))
 
 

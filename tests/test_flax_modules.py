@@ -7,16 +7,21 @@ serialization in ``test_flax_training.py``.
 
 from __future__ import annotations
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from portable_brn import schedules
-from portable_brn.adapters.flax import BatchRenorm, NnxBatchRenorm
 from portable_brn.conformance import reference as ref
+
+# A missing framework skips this file with the reason; the imports that need it follow.
+jax = pytest.importorskip("jax")
+pytest.importorskip("flax")
+
+import flax.linen as nn  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from portable_brn.adapters.flax import BatchRenorm, NnxBatchRenorm  # noqa: E402
 
 X = 1.5 * jax.random.normal(jax.random.key(0), (8, 5, 3)) + 0.7
 
@@ -160,3 +165,20 @@ def test_nnx_module_under_its_nnx_name() -> None:
     layer = NnxName(3, rngs=nnx.Rngs(0))
     y = layer(jnp.arange(12.0).reshape(4, 3))
     assert y.shape == (4, 3) and int(layer.step[...]) == 1
+
+
+def test_numpy_input_is_taken_and_another_library_is_refused_naming_x() -> None:
+    strict = pytest.importorskip("array_api_strict")
+    linen = BatchRenorm(use_running_average=False)
+    variables = _init(linen)
+    y, _ = linen.apply(variables, np.asarray(X), mutable=["batch_stats"])
+    np.testing.assert_array_equal(y, linen.apply(variables, X, mutable=["batch_stats"])[0])
+    foreign = strict.asarray(np.asarray(X))
+    message = (r"^x must be a JAX array, a NumPy array or a Python scalar, got "
+               r"array_api_strict\._array_object\.Array")
+    with pytest.raises(TypeError, match=message):
+        linen.apply(variables, foreign, mutable=["batch_stats"])
+    nnx_layer = NnxBatchRenorm(3, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match=message):
+        nnx_layer(foreign)
+    assert int(nnx_layer.step[...]) == 0, "a refused call leaves the state alone"

@@ -9,16 +9,21 @@ from __future__ import annotations
 
 from typing import Any
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
-from flax import nnx, serialization
 
-from portable_brn.adapters.flax import BatchRenorm, NnxBatchRenorm
 from portable_brn.conformance import reference as ref
+
+# A missing framework skips this file with the reason; the imports that need it follow.
+jax = pytest.importorskip("jax")
+pytest.importorskip("flax")
+optax = pytest.importorskip("optax")
+
+import flax.linen as nn  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx, serialization  # noqa: E402
+
+from portable_brn.adapters.flax import BatchRenorm, NnxBatchRenorm  # noqa: E402
 
 STEPS = 80
 FEATURES = 6

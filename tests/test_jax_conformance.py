@@ -12,16 +12,21 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from portable_brn import RenormConfig, RenormState, schedules
-from portable_brn.adapters.flax import BatchRenorm, NnxBatchRenorm
-from portable_brn.adapters.jax import batch_renorm, init
 from portable_brn.conformance import reference as ref
+
+# A missing framework skips this file with the reason; the imports that need it follow.
+jax = pytest.importorskip("jax")
+pytest.importorskip("flax")
+
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from portable_brn.adapters.flax import BatchRenorm, NnxBatchRenorm  # noqa: E402
+from portable_brn.adapters.jax import batch_renorm, init  # noqa: E402
 
 STEPS = 50
 BOUND = {"float64": 1e-12, "float32": 1e-5}

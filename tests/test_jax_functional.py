@@ -6,16 +6,21 @@ Numerical agreement with the float64 reference over many steps is in
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from portable_brn import RenormConfig, RenormState, backward, forward_train
-from portable_brn.adapters.jax import batch_renorm, init, renorm_infer, renorm_train
 from portable_brn.conformance import reference as ref
+
+# A missing framework skips this file with the reason; the imports that need it follow.
+jax = pytest.importorskip("jax")
+
+import jax.numpy as jnp  # noqa: E402
+
+from portable_brn.adapters.jax import batch_renorm, init, renorm_infer, renorm_train  # noqa: E402
 
 CONFIGS = {
     "plain": RenormConfig(feature_axis=-1, r_max=1.5, d_max=0.5),
@@ -182,20 +187,27 @@ def test_nonfinite_batch_leaves_the_state_finite(use_custom_vjp: bool) -> None:
 
 
 def _bad_calls() -> dict[str, tuple[Any, type, str]]:
+    """Each bad call, its error and a regex anchored at the message's start."""
     config = RenormConfig(feature_axis=-1)
     state, weight, bias = init(3)
     x = jnp.ones((4, 3))
     return {
-        "integer x": ((x.astype(jnp.int32), state, weight, bias, config), TypeError, "x"),
-        "1-d x": ((jnp.ones(3), state, weight, bias, config), ValueError, "x"),
-        "weight size": ((x, state, jnp.ones(4), bias, config), ValueError, "weight"),
-        "state size": ((x, init(4)[0], weight, bias, config), ValueError, "state.mean"),
+        "integer x": ((x.astype(jnp.int32), state, weight, bias, config), TypeError,
+                      r"^x must have a real floating dtype \(.*\), got int32"),
+        "1-d x": ((jnp.ones(3), state, weight, bias, config), ValueError,
+                  r"^x must have at least 2 dimensions .*, got shape \(3,\)"),
+        "weight size": ((x, state, jnp.ones(4), bias, config), ValueError,
+                        r"^weight has shape \(4,\) but x has \(3,\) features"),
+        "state size": ((x, init(4)[0], weight, bias, config), ValueError,
+                       r"^state\.mean has shape \(4,\) but x has \(3,\) features"),
         "axis out of range": ((x, state, weight, bias, RenormConfig(feature_axis=2)),
-                              ValueError, "feature_axis"),
+                              ValueError, r"^feature_axis 2 is out of range for an input "
+                                          r"with 2 dimensions"),
         "one value per feature": ((jnp.ones((1, 3)), state, weight, bias, config),
-                                  ValueError, "more than 1 value"),
+                                  ValueError, r"^Expected more than 1 value per feature when "
+                                              r"training, got x of shape \(1, 3\)"),
         "micro_batch": ((x, state, weight, bias, RenormConfig(feature_axis=-1, micro_batch=3)),
-                        ValueError, "micro_batch"),
+                        ValueError, r"^micro_batch=3 does not divide the batch size 4 of x"),
     }
 
 
@@ -205,3 +217,46 @@ def test_bad_input_fails_at_trace_time_naming_the_argument(case: str) -> None:
     step = jax.jit(lambda x, s, w, b: renorm_train(x, s, w, b, args[-1])[0])
     with pytest.raises(error, match=text):
         step(*args[:-1])
+
+
+def _foreign(library: str) -> tuple[Any, str]:
+    """A (4, 3) float32 array of ``library`` and its type as the error names it."""
+    if library == "torch":
+        torch = pytest.importorskip("torch")
+        return torch.ones((4, 3)), "torch.Tensor"
+    strict = pytest.importorskip("array_api_strict")
+    return strict.ones((4, 3)), "array_api_strict._array_object.Array"
+
+
+@pytest.mark.parametrize("library", ["torch", "array_api_strict"])
+@pytest.mark.parametrize("argument", ["x", "weight", "state.mean"])
+def test_arrays_of_another_library_are_refused_naming_the_argument(library: str,
+                                                                    argument: str) -> None:
+    foreign, kind = _foreign(library)
+    state, weight, bias = init(3)
+    x = jnp.ones((4, 3))
+    if argument == "x":
+        x = foreign
+    elif argument == "weight":
+        weight = foreign[0, ...]
+    else:
+        state = state._replace(mean=foreign[0, ...])
+    message = (f"^{re.escape(argument)} must be a JAX array, a NumPy array or a Python "
+               f"scalar, got {re.escape(kind)}")
+    config = RenormConfig(feature_axis=-1)
+    with pytest.raises(TypeError, match=message):
+        renorm_train(x, state, weight, bias, config)
+    with pytest.raises(TypeError, match=message):
+        renorm_infer(x, state, weight, bias, config)
+
+
+def test_numpy_arrays_and_python_scalars_are_accepted() -> None:
+    config = RenormConfig(feature_axis=-1)
+    state, weight, bias = init(3)
+    x = np.arange(12.0, dtype=np.float32).reshape(4, 3)
+    y, new_state, _ = renorm_train(x, state._replace(step=0), np.asarray(weight),
+                                   np.asarray(bias), config)
+    expected = renorm_train(jnp.asarray(x), state, weight, bias, config)
+    np.testing.assert_array_equal(y, expected.y)
+    np.testing.assert_array_equal(new_state.std, expected.state.std)
+    assert isinstance(y, jax.Array) and int(new_state.step) == 1

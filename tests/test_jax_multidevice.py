@@ -16,14 +16,19 @@ import sys
 from functools import partial
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
+import pytest
 
 from portable_brn import RenormConfig
-from portable_brn.adapters.jax import init, renorm_train
+
+# A missing framework skips this file with the reason; the imports that need it follow.
+jax = pytest.importorskip("jax")
+
+import jax.numpy as jnp  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from portable_brn.adapters.jax import init, renorm_train  # noqa: E402
 
 DEVICES = 4
 CONFIGS = (RenormConfig(feature_axis=-1, r_max=1.5, d_max=0.5),

@@ -67,9 +67,10 @@ def test_runs_end_to_end_and_writes_table_plot_and_json(backend, tmp_path, capsy
     assert [row["regime"] for row in results["table"]] == [r.title for r in REGIMES]
 
 
-def test_same_seed_gives_the_same_numbers(tmp_path, capsys):
+@pytest.mark.parametrize("backend", [_backend_param(name) for name in ADAPTERS])
+def test_same_seed_gives_the_same_numbers(backend, tmp_path, capsys):
     def accuracies(out, seed: str) -> list[list[float]]:
-        assert main(_tiny(out, "--seed", seed)) == 0
+        assert main(_tiny(out, "--seed", seed, "--backend", backend)) == 0
         return [run["accuracy"] for run in json.loads((out / "results.json").read_text())["runs"]]
 
     first = accuracies(tmp_path / "a", "3")
