@@ -80,10 +80,11 @@ class XlaKernel(GenericKernel):
         mean, inv_std = jax.lax.optimization_barrier((mean, inv_std))
         return super().grad_sums(xp, grad, view, mean, inv_std, layout)
 
-    def grad_input(self, xp: Any, grad: Any, view: Any, mean: Any, scale: Any, x_scale: Any,
-                   shift: Any, dtype: Any, layout: Layout) -> Any:
+    def grad_input(self, xp: Any, grad: Any, view: Any, mean: Any, inv_std: Any, scale: Any,
+                   x_scale: Any, shift: Any, dtype: Any, layout: Layout) -> Any:
         mean, scale, x_scale, shift = jax.lax.optimization_barrier((mean, scale, x_scale, shift))
-        return super().grad_input(xp, grad, view, mean, scale, x_scale, shift, dtype, layout)
+        return super().grad_input(xp, grad, view, mean, inv_std, scale, x_scale, shift, dtype,
+                                  layout)
 
 
 register_kernel(lambda xp: xp is jnp, XlaKernel())

@@ -7,6 +7,7 @@ produces a new state.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 from array_api_compat import array_namespace, device, is_jax_array
@@ -20,11 +21,21 @@ def _kind(array: Any) -> str:
     return f"{type(array).__module__}.{type(array).__name__}"
 
 
+_NAMESPACES: dict[tuple[type, ...], Any] = {}  # array types -> their one namespace
+
+
 def namespace_of(**arrays: Any) -> Any:
-    """The one Array API namespace shared by all non-None ``arrays``."""
+    """The one Array API namespace shared by all non-None ``arrays`` (remembered per
+    combination of array types: the namespace is a property of the types, and finding it
+    costs more than a small step's arithmetic)."""
     present = {name: a for name, a in arrays.items() if a is not None}
+    types = tuple(type(a) for a in present.values())
+    known = _NAMESPACES.get(types)
+    if known is not None:
+        return known
     try:
-        return array_namespace(*present.values())
+        xp = _NAMESPACES[types] = array_namespace(*present.values())
+        return xp
     except TypeError as error:
         if len(present) == 1:
             name, array = next(iter(present.items()))
@@ -43,9 +54,14 @@ def floating_namespace(name: str, array: Any) -> Any:
     return xp
 
 
+@lru_cache(maxsize=64)
+def _real_floating(xp: Any, dtype: Any) -> bool:
+    return xp.isdtype(dtype, "real floating")
+
+
 def check_floating(xp: Any, name: str, array: Any) -> None:
     """Reject integer, boolean and complex arrays."""
-    if not xp.isdtype(array.dtype, "real floating"):
+    if not _real_floating(xp, array.dtype):
         raise TypeError(f"{name} must have a real floating dtype (float16, bfloat16, "
                         f"float32 or float64), got {array.dtype}")
 
@@ -63,9 +79,11 @@ def check_param(xp: Any, name: str, array: Any | None, feature_shape: tuple[int,
 
 
 def _device_or_none(array: Any) -> Any:
-    """The device of ``array``, or None where it cannot tell."""
+    """The device of ``array`` (its own ``device`` attribute where it has one, the cheap
+    case), or None where it cannot tell."""
     try:
-        return device(array)
+        own = getattr(array, "device", None)
+        return device(array) if own is None else own
     except Exception:  # traced values under jit may not know their device
         return None
 
@@ -73,9 +91,12 @@ def _device_or_none(array: Any) -> Any:
 def check_same_device(**arrays: Any) -> None:
     """All non-None ``arrays`` must live on one device.  JAX arrays are exempt: JAX
     places (and shards) arrays itself and moves them as an operation needs."""
-    seen = {name: _device_or_none(a) for name, a in arrays.items()
-            if a is not None and not is_jax_array(a)}
-    known = {name: d for name, d in seen.items() if d is not None}
+    devices = {name: _device_or_none(a) for name, a in arrays.items() if a is not None}
+    values = [dev for dev in devices.values() if dev is not None]
+    if all(dev == values[0] for dev in values):
+        return
+    known = {name: dev for name, dev in devices.items()
+             if dev is not None and not is_jax_array(arrays[name])}
     first = next(iter(known.items()), None)
     for name, dev in known.items():
         if dev != first[1]:

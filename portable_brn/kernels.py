@@ -37,9 +37,10 @@ class Kernel(Protocol):
         """Per-feature ``sum(grad)`` and ``sum(grad * (view - mean))``; ``inv_std`` is
         ``1 / sigma_B``, for kernels whose precision depends on the conditioning."""
 
-    def grad_input(self, xp: Any, grad: Any, view: Any, mean: Any, scale: Any, x_scale: Any,
-                   shift: Any, dtype: Any, layout: Layout) -> Any:
-        """``grad * scale + (view - mean) * x_scale + shift`` in ``dtype``."""
+    def grad_input(self, xp: Any, grad: Any, view: Any, mean: Any, inv_std: Any, scale: Any,
+                   x_scale: Any, shift: Any, dtype: Any, layout: Layout) -> Any:
+        """``grad * scale + (view - mean) * x_scale + shift`` in ``dtype``; ``inv_std`` as
+        for ``grad_sums``."""
 
 
 class GenericKernel:
@@ -75,8 +76,8 @@ class GenericKernel:
         return (reduce_sum(xp, grad, axes, accumulator),
                 reduce_sum(xp, grad * centered, axes, accumulator))
 
-    def grad_input(self, xp: Any, grad: Any, view: Any, mean: Any, scale: Any, x_scale: Any,
-                   shift: Any, dtype: Any, layout: Layout) -> Any:
+    def grad_input(self, xp: Any, grad: Any, view: Any, mean: Any, inv_std: Any, scale: Any,
+                   x_scale: Any, shift: Any, dtype: Any, layout: Layout) -> Any:
         # centered: x * x_scale and mean * x_scale would cancel when |mean| >> std
         dx = as_compute(xp, grad) * scale + ((as_compute(xp, view) - mean) * x_scale + shift)
         return dx if dx.dtype == dtype else xp.astype(dx, dtype)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 __all__ = ["Layout", "make_layout"]
 
@@ -23,48 +23,48 @@ class Layout:
     feature_axes: tuple[int, ...]
     micro_batch: int | None = None
 
-    @property
+    @cached_property
     def grouped(self) -> bool:
         """Whether the batch axis is split into micro-batches."""
         return self.micro_batch is not None
 
-    @property
+    @cached_property
     def view_shape(self) -> tuple[int, ...]:
         """The shape statistics are computed over."""
         if not self.grouped:
             return self.shape
         return (self.shape[0] // self.micro_batch, self.micro_batch, *self.shape[1:])
 
-    @property
+    @cached_property
     def view_feature_axes(self) -> tuple[int, ...]:
         """The feature axes in the view's coordinates."""
         return tuple(a + 1 for a in self.feature_axes) if self.grouped else self.feature_axes
 
-    @property
+    @cached_property
     def reduce_axes(self) -> tuple[int, ...]:
         """Axes of the view that are averaged over: all but the group and feature axes."""
         start = 1 if self.grouped else 0
         keep = set(self.view_feature_axes)
         return tuple(a for a in range(start, len(self.view_shape)) if a not in keep)
 
-    @property
+    @cached_property
     def stat_shape(self) -> tuple[int, ...]:
         """Shape of a per-feature (per-group) statistic that broadcasts against the view."""
         keep = set(self.view_feature_axes) | ({0} if self.grouped else set())
         return tuple(n if a in keep else 1 for a, n in enumerate(self.view_shape))
 
-    @property
+    @cached_property
     def feature_shape(self) -> tuple[int, ...]:
         """Shape of the moving statistics and of ``weight``/``bias``."""
         return tuple(self.shape[a] for a in self.feature_axes)
 
-    @property
+    @cached_property
     def state_stat_shape(self) -> tuple[int, ...]:
         """Shape that broadcasts a moving statistic against the view."""
         keep = set(self.view_feature_axes)
         return tuple(n if a in keep else 1 for a, n in enumerate(self.view_shape))
 
-    @property
+    @cached_property
     def count(self) -> int:
         """Number of elements reduced per statistic (the paper's m)."""
         return math.prod(self.view_shape[a] for a in self.reduce_axes)

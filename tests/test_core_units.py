@@ -159,9 +159,10 @@ def test_numpy_kernel_agrees_with_generic(shape, feature_axis, micro_batch) -> N
     scale, shift = rng.standard_normal(mean.shape), rng.standard_normal(mean.shape)
     assert rel_err(fast.affine(xp, view, scale, shift, view.dtype, layout),
                    generic.affine(xp, view, scale, shift, view.dtype, layout)) < 1e-14
-    assert rel_err(fast.grad_input(xp, grad, view, mean, scale, inv, shift, view.dtype, layout),
-                   generic.grad_input(xp, grad, view, mean, scale, inv, shift, view.dtype,
-                                      layout)) < 1e-14
+    for offset in (0.0, 5.0):  # the kernel's uncentered and centered forms
+        args = (view + offset, mean + offset, inv, scale, inv, shift, view.dtype, layout)
+        assert rel_err(fast.grad_input(xp, grad, *args),
+                       generic.grad_input(xp, grad, *args)) < 1e-14
 
 
 def test_numpy_kernel_stays_exact_for_large_means() -> None:
