@@ -131,8 +131,12 @@ class _Canonical:
         """A per-feature (or per-group-and-feature) array as ``(groups or 1, 1, F, 1)``,
         repeated ``fold`` times along F."""
         features = self.shape[2] // self.fold
-        a = np.reshape(a, (a.size // features, 1, features, 1))
-        return a if self.fold == 1 else np.tile(a, (1, 1, self.fold, 1))
+        rows = a.size // features
+        if self.fold == 1:
+            return np.reshape(a, (rows, 1, features, 1))
+        repeated = np.empty((rows, self.fold, features), a.dtype)  # np.tile, without its
+        repeated[...] = np.reshape(a, (rows, 1, features))        # Python-level overhead
+        return np.reshape(repeated, (rows, 1, self.fold * features, 1))
 
     def _scratch_blocks(self, share: list[Task], like: np.ndarray,
                         ) -> Iterator[tuple[Task, np.ndarray]]:
