@@ -74,11 +74,12 @@ def _row_sums(block: np.ndarray) -> np.ndarray:
     return (block @ np.ones(block.shape[2], block.dtype)).sum(axis=0, dtype=np.float64)
 
 
-def _row_dots(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per-feature float64 sum of ``a * b`` over a ``(rows, features, cols)`` block, in one
-    pass with no temporary."""
+def _row_dots(a: np.ndarray, b: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+    """Per-feature float64 sum of ``a * b`` over a ``(rows, features, cols)`` block
+    (``scratch`` holds the products when features are innermost: BLAS then sums them with
+    the blocked accumulation that keeps long float32 sums accurate)."""
     if a.shape[2] == 1:
-        return np.einsum("ij,ij->j", a[:, :, 0], b[:, :, 0]).astype(np.float64)
+        return _row_sums(np.multiply(a, b, out=scratch))
     return np.vecdot(a, b).sum(axis=0, dtype=np.float64)
 
 
@@ -198,7 +199,7 @@ class NumpyKernel(GenericKernel):
             return super().moments(xp, view, layout, replica_mean)
         x4, count = canon.array(view), layout.count
         total, squares = canon.totals(
-            x4, lambda t, s: (_row_sums(x4[t]), _row_dots(x4[t], x4[t])), in_cache=False)
+            x4, lambda t, s: (_row_sums(x4[t]), _row_dots(x4[t], x4[t], s)), in_cache=False)
         mean = total / count
         var = squares / count - mean * mean
         if np.any(mean * mean > var):  # one pass lost digits: center on the mean
@@ -206,7 +207,7 @@ class NumpyKernel(GenericKernel):
 
             def centered_sums(task: Task, scratch: np.ndarray) -> tuple[Any, Any]:
                 centered = np.subtract(x4[task], _at(center, task), out=scratch)
-                return _row_sums(centered), _row_dots(centered, centered)
+                return _row_sums(centered), _row_dots(centered, centered, centered)
             offset, squares = canon.totals(x4, centered_sums, in_cache=True) / count
             mean, var = center + offset, squares - offset * offset
         return (mean.astype(view.dtype).reshape(layout.stat_shape),
@@ -236,11 +237,11 @@ class NumpyKernel(GenericKernel):
         if _offset(mean, inv_std):  # sum(g x) - mean sum(g) would cancel
             def block_sums(task: Task, scratch: np.ndarray) -> tuple[Any, Any]:
                 centered = np.subtract(x4[task], _at(m, task), out=scratch)
-                return _row_sums(g4[task]), _row_dots(g4[task], centered)
+                return _row_sums(g4[task]), _row_dots(g4[task], centered, centered)
             sum_g, sum_gc = canon.totals(g4, block_sums, in_cache=True)
         else:
             sum_g, sum_gx = canon.totals(
-                g4, lambda t, s: (_row_sums(g4[t]), _row_dots(g4[t], x4[t])),
+                g4, lambda t, s: (_row_sums(g4[t]), _row_dots(g4[t], x4[t], s)),
                 in_cache=False)
             sum_gc = sum_gx - m * sum_g
         return (sum_g.astype(view.dtype).reshape(layout.stat_shape),
