@@ -47,6 +47,17 @@ def _options(case: Case) -> dict[str, Any]:
     return {f.name: getattr(config, f.name) for f in fields(config) if f.name != "feature_axis"}
 
 
+def _flax_options(case: Case, param_dtype: Any) -> dict[str, Any]:
+    """The case as keyword arguments of a Flax ``BatchRenorm`` (linen or nnx): Flax's
+    names, and momentum as the decay of the old value, ``1 - alpha``."""
+    options = _options(case)
+    options["momentum"] = 1.0 - options["momentum"]
+    options["epsilon"] = options.pop("eps")
+    return {"axis": case.config["feature_axis"], "param_dtype": param_dtype,
+            "use_scale": case.weight is not None, "use_bias": case.bias is not None,
+            **options}
+
+
 class AdapterBackend(Backend):
     """Runs a case's train and infer ops through a ``Session`` of ``module_name``."""
 
@@ -225,12 +236,7 @@ class JaxFunctionalBackend(_JaxAdapterBackend):
 class _FlaxSession(_JaxSession):
     def __init__(self, module: Any, case: Case, dtype: str):
         super().__init__(dtype)
-        options = _options(case)
-        alpha = options.pop("momentum")
-        options["epsilon"] = options.pop("eps")
-        layer = module.BatchRenorm(
-            axis=case.config["feature_axis"], momentum=1.0 - alpha, param_dtype=self.p_dtype,
-            use_scale=case.weight is not None, use_bias=case.bias is not None, **options)
+        layer = module.BatchRenorm(**_flax_options(case, self.p_dtype))
         self.params = {name: self.put(value, self.p_dtype) for name, value in
                        (("scale", case.weight), ("bias", case.bias)) if value is not None}
         self.stats = {"mean": self.put(case.mean, self.p_dtype),
@@ -277,13 +283,8 @@ class _NnxSession(_JaxSession):
     def __init__(self, module: Any, case: Case, dtype: str):
         super().__init__(dtype)
         from flax import nnx
-        options = _options(case)
-        alpha = options.pop("momentum")
-        options["epsilon"] = options.pop("eps")
-        layer = module.BatchRenorm(
-            int(np.size(case.mean)), axis=case.config["feature_axis"], momentum=1.0 - alpha,
-            param_dtype=self.p_dtype, use_scale=case.weight is not None,
-            use_bias=case.bias is not None, rngs=nnx.Rngs(0), **options)
+        layer = module.BatchRenorm(int(np.size(case.mean)), rngs=nnx.Rngs(0),
+                                   **_flax_options(case, self.p_dtype))
         for name, value, dtype in (("mean", case.mean, self.p_dtype),
                                    ("std", case.std, self.p_dtype), ("scale", case.weight,
                                                                      self.p_dtype),
