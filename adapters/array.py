@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from array_api_compat import array_namespace, device
+from array_api_compat import device
 
 from portable_brn.config import RenormConfig
 from portable_brn.inputs import namespace_of
@@ -84,7 +84,7 @@ class BatchRenorm:
             self.state, self.weight, self.bias = state, weight, bias
             return y
         y, new_state, residuals = forward_train(x, state, weight, bias, self.config)
-        xp = array_namespace(x)
+        xp = namespace_of(x=x)
         skipped = int(xp.sum(xp.astype(~residuals.finite, xp.int32)))
         self.state, self.weight, self.bias, self._residuals = new_state, weight, bias, residuals
         if skipped:
@@ -112,7 +112,7 @@ class BatchRenorm:
     def reset_running_stats(self) -> None:
         """Moving mean 0, std 1, step 0, in the current namespace and device."""
         if self.state is not None:
-            xp = array_namespace(self.state.mean)
+            xp = namespace_of(mean=self.state.mean)
             self.state = init_state(self.num_features, xp=xp, dtype=self.state.mean.dtype,
                                     device=device(self.state.mean))
 
@@ -135,7 +135,7 @@ class BatchRenorm:
         unexpected = [k for k in arrays if k not in expected]
         if missing or unexpected:
             raise KeyError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
-        xp, dev = array_namespace(self.state.mean), device(self.state.mean)
+        xp, dev = namespace_of(mean=self.state.mean), device(self.state.mean)
         current = dict(zip(_STATE_KEYS, self.state, strict=True), weight=self.weight,
                        bias=self.bias)
         loaded = {}

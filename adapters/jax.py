@@ -172,10 +172,11 @@ _JAX_COMPATIBLE = (jax.Array, np.ndarray, np.generic, bool, int, float, complex)
 
 
 def as_jax_array(value: Any, name: str) -> jax.Array:
-    """``value`` as a JAX array: JAX arrays, NumPy arrays and Python scalars are taken, as
+    """``value`` as a JAX array: JAX arrays, NumPy arrays, Python scalars and objects that
+    convert themselves (``__jax_array__``, e.g. ``nnx`` variables) are taken, as
     everywhere in JAX; another library's array is a ``TypeError`` naming ``name`` (SPEC
     section 7: arrays of different libraries are not mixed in one call)."""
-    if not isinstance(value, _JAX_COMPATIBLE):
+    if not (isinstance(value, _JAX_COMPATIBLE) or hasattr(value, "__jax_array__")):
         kind = type(value)
         raise TypeError(f"{name} must be a JAX array, a NumPy array or a Python scalar, got "
                         f"{kind.__module__}.{kind.__qualname__}")

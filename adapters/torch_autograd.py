@@ -98,7 +98,7 @@ class _NativeRenorm(torch.autograd.Function):
             return F.batch_norm(x, mean, var, scale, shift, False, 0.0, eps)
         # one addcmul over x: y = x * k + (shift - mean * k) with k = scale / sigma_B; batch
         # norm's inference kernel is 2x slower on (N, C) and 1.4x slower on channels-last
-        k = scale * inv_std
+        k = scale * inv_std  # saved in its place for (N, C) rows, whose backward uses it
         ctx.save_for_backward(x, k if x.dim() == 2 else scale, mean, inv_std, r, d)
         shift = shift.addcmul(mean, k, value=-1)
         return torch.addcmul(_feature_view(x, shift), x, _feature_view(x, k))
@@ -108,7 +108,7 @@ class _NativeRenorm(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
         x, factor, mean, inv_std, r, d = ctx.saved_tensors
         need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
-        if x.dim() == 2:  # factor is k = scale / sigma_B
+        if x.dim() == 2 and _channels_innermost(x):  # factor is k = scale / sigma_B
             _, sum_g_xhat, sum_g = torch.ops.aten.native_batch_norm_backward(
                 grad, x, None, None, None, mean, inv_std, True, ctx.eps, [False, True, True])
             dx = _rows_dx(grad, x, factor, mean, inv_std, sum_g_xhat, sum_g) if need_x else None

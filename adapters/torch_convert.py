@@ -151,9 +151,10 @@ def _process_groups(layers: list[_BatchRenorm]) -> list[tuple[Any, torch.device]
 
 def _agree(layers: list[_BatchRenorm], order: list[_BatchRenorm],
            count: int) -> tuple[list[_BatchRenorm], int]:
-    """The forward order of ``layers`` and the number of batches seen by this process and
-    every process it pools with: a process whose iterable was empty takes the order of
-    one that was not, so that all make the same collectives in the same sequence."""
+    """The forward order of ``layers``, and a count of batches that is zero exactly when
+    neither this process nor any process it pools with saw one: a process whose
+    iterable was empty takes the order of one that was not, so that all make the same
+    collectives in the same sequence."""
     for group, device in _process_groups(layers):
         position = {layer: index for index, layer in enumerate(order)}
         row = torch.tensor([count, *(position.get(layer, -1) for layer in layers)],
@@ -225,13 +226,17 @@ def _recalibrate_in_order(model: nn.Module, layers: list[_BatchRenorm], batches:
                           device: Any) -> None:
     """Commit each layer's statistics in forward order, one pass per layer, so that every
     layer is measured on its input under the new statistics of the layers before it."""
-    pooled, count = _measure(model, batches, layers, device)
-    order, count = _agree(layers, list(pooled), count)
-    if not count:
+    pooled, seen = _measure(model, batches, layers, device)
+    order, total = _agree(layers, list(pooled), seen)
+    if not total:
         raise ValueError("batches must yield at least one batch, got none")
     for index, layer in enumerate(order):
         if index:
-            pooled = _measure(model, batches, [layer], device)[0]
+            pooled, again = _measure(model, batches, [layer], device)
+            if again != seen:
+                raise ValueError(f"batches yielded {seen} batches on the first pass but "
+                                 f"{again} on pass {index + 1}: recalibrating several layers "
+                                 f"needs an iterable that yields the same batches each time")
         _commit(layer, pooled.get(layer))
 
 

@@ -114,7 +114,7 @@ def merge_moments(parts: Iterable[Moments], *, name: str = "parts") -> Moments:
     parts = iter(parts)
     first = pooled = next(parts, None)
     if first is None:
-        raise ValueError(f"{name} must yield at least one batch, got none")
+        raise ValueError(f"{name} must not be empty, got nothing to merge")
     for index, part in enumerate(parts, start=1):
         per_feature_namespace(**{f"{name}[0]": first.mean, f"{name}[{index}]": part.mean})
         pooled = merge_two(pooled, part)

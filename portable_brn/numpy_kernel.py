@@ -21,6 +21,7 @@ import math
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
 from itertools import pairwise
 from typing import Any
 
@@ -83,6 +84,12 @@ def _row_dots(a: np.ndarray, b: np.ndarray, scratch: np.ndarray) -> np.ndarray:
     return np.vecdot(a, b).sum(axis=0, dtype=np.float64)
 
 
+@lru_cache(maxsize=256)
+def _fold(rows: int, limit: int) -> int:
+    """The largest divisor of ``rows`` that is at most ``limit`` (1 when ``limit`` < 2)."""
+    return next((n for n in range(min(rows, limit), 1, -1) if rows % n == 0), 1)
+
+
 def _offset(mean: np.ndarray, inv_std: np.ndarray) -> bool:
     """Whether some feature's ``|mean|`` exceeds its std: then terms in ``x`` and in the
     mean nearly cancel, and passes must work on ``x - mean`` to keep their digits."""
@@ -108,7 +115,7 @@ class _Canonical:
         hundred features costs as much as the arithmetic: folding rows together into rows
         of about ``_WIDE_ROW`` values makes those passes up to twice as fast."""
         groups, rows, features, cols = self.shape
-        fold = math.gcd(rows, _WIDE_ROW // features) if cols == 1 else 1
+        fold = _fold(rows, _WIDE_ROW // features) if cols == 1 else 1
         if fold <= 1:
             return self
         return _Canonical(self.layout, (groups, rows // fold, features * fold, 1), fold)

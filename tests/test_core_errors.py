@@ -247,7 +247,7 @@ def test_deferred_update_bad_parts(backend) -> None:
     with pytest.raises(ValueError, match=r"^parts\[1\] has shape \(4,\) but parts\[0\] has "
                                          r"\(3,\) features"):
         pb.deferred_update(state, [part(3), part(4)], CONFIG)
-    with pytest.raises(ValueError, match=r"^parts must yield at least one batch, got none"):
+    with pytest.raises(ValueError, match=r"^parts must not be empty, got nothing to merge"):
         pb.deferred_update(state, [], CONFIG)
     _assert_same(before, _host(backend, state))
 

@@ -115,9 +115,9 @@ def test_matches_reference_over_many_steps(backend, scenario, dtype, affine) -> 
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=[s[0] for s in SCENARIOS])
 def test_clips_bind_in_scenarios(scenario) -> None:
-    """Each scenario's data makes the clips bind for real: after warm-up, some r sits at
-    r_min or r_max while r_max > 1, and some |d| at d_max while d_max > 0 (r = 1 = r_max
-    and d = 0 = d_max are no clip)."""
+    """Each scenario's data makes the clips bind for real: after warm-up, r sits at r_min
+    or r_max while r_max > 1, and |d| at d_max while d_max > 0, in at least 10 (step,
+    feature) pairs each (r = 1 = r_max and d = 0 = d_max are no clip)."""
     _, shape, core_options, ref_options, first = scenario
     features = _feature_shape(shape, core_options.get("feature_axis", 1))
     mean, std, hits_r, hits_d = np.zeros(features), np.ones(features), 0, 0
@@ -134,4 +134,4 @@ def test_clips_bind_in_scenarios(scenario) -> None:
             hits_r += int(np.sum((out["r"] == r_max) | (out["r"] == r_min)))
         if d_max > 0.0:
             hits_d += int(np.sum(np.abs(out["d"]) == d_max))
-    assert hits_r > 0 and hits_d > 0, (hits_r, hits_d)
+    assert hits_r >= 10 and hits_d >= 10, (hits_r, hits_d)  # (step, feature) pairs

@@ -260,3 +260,20 @@ def test_numpy_arrays_and_python_scalars_are_accepted() -> None:
     np.testing.assert_array_equal(y, expected.y)
     np.testing.assert_array_equal(new_state.std, expected.state.std)
     assert isinstance(y, jax.Array) and int(new_state.step) == 1
+
+
+def test_objects_that_convert_themselves_to_jax_are_accepted() -> None:
+    """Anything with ``__jax_array__`` (nnx variables, for one) is taken as JAX takes it."""
+
+    class Wrapped:
+        def __init__(self, value: jax.Array) -> None:
+            self.value = value
+
+        def __jax_array__(self) -> jax.Array:
+            return self.value
+
+    config = RenormConfig(feature_axis=-1)
+    state, weight, bias = init(3)
+    x = jnp.arange(12.0, dtype=jnp.float32).reshape(4, 3)
+    y = renorm_train(Wrapped(x), state, Wrapped(weight), bias, config).y
+    np.testing.assert_array_equal(y, renorm_train(x, state, weight, bias, config).y)

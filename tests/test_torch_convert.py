@@ -188,6 +188,27 @@ def test_recalibrate_refuses_a_one_shot_iterator_for_several_layers():
     assert is_close(layer.running_mean, mean, 1e-12) and is_close(layer.running_std, std, 1e-12)
 
 
+class _ReadOnce:
+    """An iterable (not an iterator) that hands out the same iterator every time, so only
+    its first pass sees the batches, as some streaming loaders do."""
+
+    def __init__(self, batches):
+        self.iterator = iter(batches)
+
+    def __iter__(self):
+        return self.iterator
+
+
+def test_recalibrate_refuses_an_iterable_that_changes_between_passes():
+    model = _stacked_renorm_model(torch.float64)
+    before = state_of(model)
+    batches = _ReadOnce([batch(i, (4, 2, 3, 3), torch.float64) for i in range(2)])
+    with pytest.raises(ValueError, match=r"^batches yielded 2 batches on the first pass but "
+                                         r"0 on pass 2"):
+        recalibrate(model, batches)
+    assert_same_state(before, model)
+
+
 def test_recalibrate_needs_a_batch_and_leaves_the_state_when_a_batch_fails():
     layer = BatchRenorm2d(3)
     with pytest.raises(ValueError, match="at least one batch"):

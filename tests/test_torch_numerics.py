@@ -54,6 +54,14 @@ def test_channels_last_matches_the_reference(options, dtype):
     check_training(layer, (4, 3, 3, 5), dtype, 10, channels_last=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_rows_with_features_not_innermost_match_the_reference(dtype):
+    """(N, C) rows whose feature stride is not 1 (a transposed tensor) take the native
+    path's batch-norm kernels rather than its one-pass rows form, in both directions."""
+    layer = random_affine(BatchRenorm1d(5, dtype=dtype, r_max=1.3, d_max=0.4, momentum=0.1))
+    check_training(layer, (16, 5), dtype, 10, column_major=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
 @pytest.mark.parametrize("options", [{}, {"micro_batch": 2}], ids=["plain", "micro-batch"])
 def test_low_precision_matches_the_reference(options, dtype):

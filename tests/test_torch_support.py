@@ -44,9 +44,10 @@ def reference_options(layer: Any) -> dict[str, Any]:
 
 
 def batch(step: int, shape: tuple[int, ...], dtype: Any, *, channels_last: bool = False,
-          seed: int = 0) -> Any:
+          column_major: bool = False, seed: int = 0) -> Any:
     """A batch whose per-feature mean and scale drift with ``step``, so that r and d clip
-    in some steps and features and not in others."""
+    in some steps and features and not in others; ``channels_last`` (4-d) or
+    ``column_major`` (2-d, features not innermost) memory when asked."""
     generator = torch.Generator().manual_seed(seed * 1000 + step)
     channels = shape[1]
     view = (1, channels) + (1,) * (len(shape) - 2)
@@ -55,6 +56,8 @@ def batch(step: int, shape: tuple[int, ...], dtype: Any, *, channels_last: bool 
     scale = (1.0 + 1.5 * torch.cos(0.2 * step + 2 * phase) ** 2).reshape(view)
     x = torch.randn(shape, generator=generator, dtype=torch.float64) * scale + shift
     x = x.to(dtype)
+    if column_major:
+        return x.t().contiguous().t()
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
@@ -66,7 +69,7 @@ def _clipped(expected: dict[str, Any], mean: np.ndarray, std: np.ndarray) -> np.
 
 
 def check_training(layer: Any, shape: tuple[int, ...], dtype: Any, steps: int, *,
-                   channels_last: bool = False) -> float:
+                   channels_last: bool = False, column_major: bool = False) -> float:
     """Train ``layer`` for ``steps`` steps next to the reference, each starting from the
     reference's own state; assert y, dx, dweight, dbias and the new state within SPEC
     section 6's bound each step; return the fraction of (step, feature) pairs where
@@ -76,7 +79,8 @@ def check_training(layer: Any, shape: tuple[int, ...], dtype: Any, steps: int, *
     std = numpy(layer.running_std)
     options = reference_options(layer)
     for step in range(steps):
-        x = batch(step, shape, dtype, channels_last=channels_last).requires_grad_(True)
+        x = batch(step, shape, dtype, channels_last=channels_last,
+                  column_major=column_major).requires_grad_(True)
         grad = batch(step, shape, dtype, seed=1)
         layer.zero_grad(set_to_none=True)
         y = layer(x)
