@@ -121,17 +121,17 @@ class _NativeRenorm(torch.autograd.Function):
         return dx, dweight, sum_g if need_bias else None, None, None, None, None, None, None
 
 
-def _saved_not_recomputed(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Per-feature values the compiled backward must save rather than recompute.
+def _saved_not_recomputed(r: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """r and d as values the compiled backward must save rather than recompute.
 
     Under ``torch.compile`` the AOT partitioner may recompute cheap per-feature ops in the
     backward from the moving statistics, which by then this step has updated in place:
     silently wrong dweight (pytorch/pytorch PR #197039).  ``stack`` is not on its list of
-    recomputable ops, so routing the values through one pins those of this step.
+    recomputable ops, so routing r and d through one pins the values of this step.
     """
     if torch.compiler.is_compiling():
-        return tuple(torch.stack(tensors).unbind())
-    return tensors
+        r, d = torch.stack((r, d)).unbind()
+    return r, d
 
 
 def _native_train(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,

@@ -231,7 +231,7 @@ def test_input_on_another_device_raises_and_leaves_the_state(device, options):
 
 
 @pytest.mark.parametrize("options", [{}, {"micro_batch": 2}], ids=["native", "core"])
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), 3e38])
 def test_a_non_finite_batch_never_poisons_the_running_statistics(options, bad):
     layer = BatchRenorm2d(3, momentum=0.5, **options)
     _train(layer, steps=2)
