@@ -109,9 +109,8 @@ class _ArrayLayerSession(Session):
         self.layer.load_state_dict(arrays)
 
     def _state(self) -> dict[str, Any]:
-        """The state after a training step, with the step's per-feature finite flags:
-        the layer keeps them only in its private residuals (``nonfinite_batches``
-        counts batches, not features)."""
+        """The state after a training step, with the step's per-feature finite flags
+        (the layer's ``last_finite``)."""
         state = self.layer.state
         return {"mean": state.mean, "std": state.std, "step": state.step,
                 "finite": self.layer.last_finite}

@@ -127,18 +127,21 @@ def _clip(xp: Any, value: Any, low: Any, high: Any) -> Any:
     return xp.minimum(xp.maximum(value, low), high)
 
 
-def _moved_state(xp: Any, state: RenormState, batch_mean: Any, batch_std: Any,
-                 config: RenormConfig) -> tuple[RenormState, Any]:
-    """``update_state`` on arguments already checked (the training step's own)."""
-    finite = xp.isfinite(batch_mean) & xp.isfinite(batch_std)
+def _finite(xp: Any, batch_mean: Any, batch_std: Any) -> Any:
+    """Per feature, whether both batch statistics are finite (else the state stays)."""
+    return xp.isfinite(batch_mean) & xp.isfinite(batch_std)
+
+
+def _moved_state(xp: Any, state: RenormState, batch_mean: Any, batch_std: Any, finite: Any,
+                 config: RenormConfig) -> RenormState:
+    """``update_state`` on arguments already checked, with their ``finite`` flags."""
 
     def moved(old: Any, target: Any) -> Any:
         new = old + config.momentum * (target - old)
         return xp.where(finite, xp.astype(new, old.dtype, copy=False), old)
 
     step = xp.asarray(state.step + 1)  # NumPy turns 0-d arithmetic into a scalar
-    new_state = RenormState(moved(state.mean, batch_mean), moved(state.std, batch_std), step)
-    return new_state, finite
+    return RenormState(moved(state.mean, batch_mean), moved(state.std, batch_std), step)
 
 
 def update_state(state: RenormState, batch_mean: Any, batch_std: Any,
@@ -150,7 +153,8 @@ def update_state(state: RenormState, batch_mean: Any, batch_std: Any,
     """
     xp = per_feature_namespace(**{"state.mean": state.mean, "state.std": state.std,
                                   "batch_mean": batch_mean, "batch_std": batch_std})
-    return _moved_state(xp, state, batch_mean, batch_std, config)
+    finite = _finite(xp, batch_mean, batch_std)
+    return _moved_state(xp, state, batch_mean, batch_std, finite, config), finite
 
 
 def deferred_update(state: RenormState, parts: Iterable[Moments],
@@ -160,7 +164,9 @@ def deferred_update(state: RenormState, parts: Iterable[Moments],
     pooled = merge_moments(parts)
     xp = per_feature_namespace(**{"state.mean": state.mean, "state.std": state.std,
                                   "parts": pooled.mean})
-    return _moved_state(xp, state, pooled.mean, xp.sqrt(pooled.var + config.eps), config)
+    std = xp.sqrt(pooled.var + config.eps)
+    finite = _finite(xp, pooled.mean, std)
+    return _moved_state(xp, state, pooled.mean, std, finite, config), finite
 
 
 def _pooled(xp: Any, mean: Any, var: Any, layout: Layout) -> Moments:
@@ -229,10 +235,9 @@ def forward_train(x: Any, state: RenormState, weight: Any, bias: Any, config: Re
     target_std = no_grad(_group_mean(xp, batch_std, layout))
     if layout.grouped and replica_mean is not None:
         target_mean, target_std = replica_mean(target_mean), replica_mean(target_std)
-    finite = xp.isfinite(target_mean) & xp.isfinite(target_std)
-    new_state = state
-    if not defer_update:
-        new_state, finite = _moved_state(xp, state, target_mean, target_std, config)
+    finite = _finite(xp, target_mean, target_std)
+    new_state = state if defer_update else _moved_state(xp, state, target_mean, target_std,
+                                                        finite, config)
     saved_weight = None if weight is None else _per_feature(xp, weight, layout, weight.dtype)
     residuals = Residuals(view, batch_mean, inv_std, r, d, saved_weight, clipped_z, clip_mask,
                           _pooled(xp, no_grad(batch_mean), no_grad(batch_var), layout),
