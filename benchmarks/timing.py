@@ -12,14 +12,22 @@ from collections.abc import Callable, Mapping
 
 
 def measure(candidates: Mapping[str, Callable[[], object]], *, repeats: int = 30,
-            warmup: int = 3) -> dict[str, float]:
-    """Median seconds per call of each candidate, timed in interleaved rounds."""
+            warmup: int = 3,
+            before: Callable[[Callable[[], object]], object] | None = None,
+            ) -> dict[str, float]:
+    """Median seconds per call of each candidate, timed in interleaved rounds.
+
+    ``before(run)`` runs untimed ahead of every timed call of ``run``, so that each call
+    starts from the cache state it sets up rather than from whatever ran last.
+    """
     for _ in range(warmup):
         for run in candidates.values():
             run()
     samples: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(repeats):
         for name, run in candidates.items():
+            if before is not None:
+                before(run)
             start = time.perf_counter()
             run()
             samples[name].append(time.perf_counter() - start)

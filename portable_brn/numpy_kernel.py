@@ -43,9 +43,10 @@ _pool: ThreadPoolExecutor | None = None
 Task = tuple[int, slice, slice]  # (group, rows, features): one cache-sized block
 
 
+@lru_cache(maxsize=256)
 def _canonical_shape(layout: Layout) -> tuple[int, int, int, int] | None:
     """``(groups, rows, features, cols)`` for the view, or None when the feature axes
-    are not adjacent."""
+    are not adjacent (cached: layouts repeat every step)."""
     axes = layout.view_feature_axes
     if axes != tuple(range(axes[0], axes[-1] + 1)):
         return None
@@ -55,7 +56,8 @@ def _canonical_shape(layout: Layout) -> tuple[int, int, int, int] | None:
             math.prod(layout.feature_shape), math.prod(shape[axes[-1] + 1:]))
 
 
-def _run(tasks: list[Task], work: Callable[[list[Task]], Any], elements: int) -> list[Any]:
+def _run(tasks: tuple[Task, ...], work: Callable[[tuple[Task, ...]], Any],
+         elements: int) -> list[Any]:
     """Split ``tasks`` into contiguous shares, one per thread when the ``elements`` they
     cover are enough to pay for handing work to threads."""
     global _pool
@@ -68,11 +70,19 @@ def _run(tasks: list[Task], work: Callable[[list[Task]], Any], elements: int) ->
     return list(_pool.map(work, [tasks[a:b] for a, b in pairwise(bounds)]))
 
 
+@lru_cache(maxsize=64)
+def _ones(size: int, dtype: np.dtype) -> np.ndarray:
+    """A read-only vector of ones, the BLAS operand of a sum (cached: sizes repeat)."""
+    ones = np.ones(size, dtype)
+    ones.flags.writeable = False
+    return ones
+
+
 def _row_sums(block: np.ndarray) -> np.ndarray:
     """Per-feature float64 sum over a ``(rows, features, cols)`` block."""
     if block.shape[2] == 1:
-        return (np.ones(block.shape[0], block.dtype) @ block[:, :, 0]).astype(np.float64)
-    return (block @ np.ones(block.shape[2], block.dtype)).sum(axis=0, dtype=np.float64)
+        return (_ones(block.shape[0], block.dtype) @ block[:, :, 0]).astype(np.float64)
+    return (block @ _ones(block.shape[2], block.dtype)).sum(axis=0, dtype=np.float64)
 
 
 def _row_dots(a: np.ndarray, b: np.ndarray, scratch: np.ndarray) -> np.ndarray:
@@ -101,6 +111,18 @@ def _at(a: np.ndarray, task: Task) -> np.ndarray:
     return a[task[0] if a.shape[0] > 1 else 0, :, task[2]]
 
 
+@lru_cache(maxsize=256)
+def _tasks(shape: tuple[int, int, int, int], block_elements: int,
+           max_rows: int | None) -> tuple[Task, ...]:
+    """``_Canonical.tasks`` for a ``(groups, rows, features, cols)`` shape (cached)."""
+    groups, rows, features, cols = shape
+    row_step = max(1, min(block_elements // (features * cols), max_rows or rows))
+    feature_step = max(1, block_elements // cols) if row_step == 1 else features
+    return tuple((g, slice(r, min(r + row_step, rows)), slice(f, f + feature_step))
+                 for g in range(groups) for r in range(0, rows, row_step)
+                 for f in range(0, features, feature_step))
+
+
 class _Canonical:
     """One call's arrays as ``(groups, rows, features, cols)`` and its blocks of work;
     ``fold`` consecutive rows may stand side by side as one (``widened``), per-feature
@@ -121,15 +143,10 @@ class _Canonical:
         return _Canonical(self.layout, (groups, rows // fold, features * fold, 1), fold)
 
     def tasks(self, block_elements: int = _BLOCK_ELEMENTS,
-              max_rows: int | None = None) -> list[Task]:
+              max_rows: int | None = None) -> tuple[Task, ...]:
         """Blocks of about ``block_elements`` (and at most ``max_rows`` rows): whole rows
         when they fit, slices of features when one row is larger."""
-        groups, rows, features, cols = self.shape
-        row_step = max(1, min(block_elements // (features * cols), max_rows or rows))
-        feature_step = max(1, block_elements // cols) if row_step == 1 else features
-        return [(g, slice(r, min(r + row_step, rows)), slice(f, f + feature_step))
-                for g in range(groups) for r in range(0, rows, row_step)
-                for f in range(0, features, feature_step)]
+        return _tasks(self.shape, block_elements, max_rows)
 
     def array(self, a: np.ndarray) -> np.ndarray:
         """A full-size array of the call viewed as ``(groups, rows, features, cols)``."""
@@ -146,7 +163,7 @@ class _Canonical:
         repeated[...] = np.reshape(a, (rows, 1, features))        # Python-level overhead
         return np.reshape(repeated, (rows, 1, self.fold * features, 1))
 
-    def _scratch_blocks(self, share: list[Task], like: np.ndarray,
+    def _scratch_blocks(self, share: tuple[Task, ...], like: np.ndarray,
                         ) -> Iterator[tuple[Task, np.ndarray]]:
         """Each task of ``share`` with a scratch block of its shape (one buffer reused)."""
         scratch = np.empty(like[share[0]].size, like.dtype)
@@ -163,7 +180,7 @@ class _Canonical:
         large block per thread; float32 sums never run over more than ``_SUM_ROWS`` rows."""
         groups, _, features, _ = self.shape
 
-        def work(share: list[Task]) -> np.ndarray:
+        def work(share: tuple[Task, ...]) -> np.ndarray:
             acc = np.zeros((2, groups, features))
             for task, scratch in self._scratch_blocks(share, like):
                 first, second = block_sums(task, scratch)
@@ -178,7 +195,7 @@ class _Canonical:
                     fill: Callable[[Task, np.ndarray, np.ndarray], None]) -> None:
         """``fill(task, out_block, scratch_block)`` on every block, in parallel."""
 
-        def work(share: list[Task]) -> None:
+        def work(share: tuple[Task, ...]) -> None:
             for task, scratch in self._scratch_blocks(share, out4):
                 fill(task, out4[task], scratch)
         out4 = self.array(out)
