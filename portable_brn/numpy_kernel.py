@@ -70,9 +70,10 @@ def _run(tasks: tuple[Task, ...], work: Callable[[tuple[Task, ...]], Any],
     return list(_pool.map(work, [tasks[a:b] for a, b in pairwise(bounds)]))
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=16)
 def _ones(size: int, dtype: np.dtype) -> np.ndarray:
-    """A read-only vector of ones, the BLAS operand of a sum (cached: sizes repeat)."""
+    """A read-only vector of ones, the BLAS operand of a sum (cached: the few block sizes
+    of a model repeat every step)."""
     ones = np.ones(size, dtype)
     ones.flags.writeable = False
     return ones
