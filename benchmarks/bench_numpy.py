@@ -12,7 +12,7 @@ Every timed call starts from the same cache state, in two ways:
 - warm: the candidate runs once untimed first, so its arrays are already in cache.
 
 For arrays larger than the cache the two agree; for a (1024, 512) float32 array (2 MB)
-they differ by about 2x, because a warm copy is as cheap as copying gets while the
+they differ by up to 2x, because a warm copy is as cheap as copying gets while the
 step's many passes are paid in either case.
 """
 
