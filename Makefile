@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-EXTRAS := test,torch,jax,demo
+EXTRAS := test,torch,jax,demo,numba
 STAMP := $(VENV)/.installed-$(EXTRAS)
 
 .PHONY: test demo bench lint conformance clean

@@ -22,14 +22,17 @@ from typing import Any
 import numpy as np
 from array_api_compat import array_namespace
 
+from portable_brn.kernels import kernel_forced
+from portable_brn.numpy_kernel import NumpyKernel, is_numpy
+
 from .arrays import DTYPE_NAMES, from_numpy, to_numpy
 from .cases import Case, Outputs
 from .runner import run_core
 
 __all__ = ["QUICK_CASES", "Backend", "CoreBackend", "DaskBackend", "JaxBackend",
-           "ReadOnlyNumpyBackend", "StrictBackend", "Unavailable", "cupy_backend",
-           "module_backend", "namespace_of_module", "numpy_backend", "quiet_nonfinite",
-           "torch_backend"]
+           "NumpyUfuncBackend", "ReadOnlyNumpyBackend", "StrictBackend", "Unavailable",
+           "cupy_backend", "module_backend", "namespace_of_module", "numpy_backend",
+           "quiet_nonfinite", "torch_backend"]
 
 
 # What slow backends (a jit compile per case, a task graph per call) run by default
@@ -175,6 +178,18 @@ class ReadOnlyNumpyBackend(CoreBackend):
             array = np.asarray(array)
             array.flags.writeable = False
         return array
+
+
+class NumpyUfuncBackend(CoreBackend):
+    """NumPy through ``NumpyKernel``, the kernel NumPy arrays get without Numba, even
+    where the Numba kernel is installed (which the ``numpy`` backend then runs)."""
+
+    def __init__(self) -> None:
+        super().__init__("numpy-ufuncs", "NumPy through its ufunc kernel, Numba or not",
+                         ("float64", "float32"), lambda: (np, None))
+
+    def context(self) -> contextlib.AbstractContextManager:
+        return kernel_forced(is_numpy, NumpyKernel())
 
 
 class StrictBackend(CoreBackend):

@@ -19,6 +19,7 @@ from .backends import (
     Backend,
     DaskBackend,
     JaxBackend,
+    NumpyUfuncBackend,
     ReadOnlyNumpyBackend,
     StrictBackend,
     cupy_backend,
@@ -34,8 +35,8 @@ def all_backends() -> list[Backend]:
     """One fresh instance of every registered backend."""
     numpy, cupy = numpy_backend(), cupy_backend()
     return [
-        numpy, ReadOnlyNumpyBackend(), StrictBackend(), StrictBackend("device1"),
-        DaskBackend(), torch_backend(), JaxBackend(), cupy,
+        numpy, NumpyUfuncBackend(), ReadOnlyNumpyBackend(), StrictBackend(),
+        StrictBackend("device1"), DaskBackend(), torch_backend(), JaxBackend(), cupy,
         ArrayLayerBackend(numpy), ArrayLayerBackend(cupy), TorchModulesBackend(),
         JaxFunctionalBackend(use_custom_vjp=True), JaxFunctionalBackend(use_custom_vjp=False),
         FlaxBackend(), NnxBackend(),

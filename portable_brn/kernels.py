@@ -18,7 +18,8 @@ from typing import Any, Protocol
 from .layout import Layout
 from .moments import ReplicaMean, accumulator_dtype, as_compute, reduce_sum, view_moments
 
-__all__ = ["GenericKernel", "Kernel", "fast_kernels_disabled", "kernel_for", "register_kernel"]
+__all__ = ["GenericKernel", "Kernel", "fast_kernels_disabled", "kernel_for", "kernel_forced",
+           "register_kernel"]
 
 
 class Kernel(Protocol):
@@ -111,3 +112,15 @@ def fast_kernels_disabled() -> Iterator[None]:
         yield
     finally:
         _REGISTRY[:0] = saved
+
+
+@contextmanager
+def kernel_forced(matches: Callable[[Any], bool], kernel: Kernel) -> Iterator[None]:
+    """Within the block ``kernel`` serves every namespace ``xp`` with ``matches(xp)``
+    (to time or test one kernel where a faster one is registered)."""
+    entry = (matches, kernel)
+    _REGISTRY.insert(0, entry)
+    try:
+        yield
+    finally:
+        _REGISTRY.remove(entry)

@@ -31,7 +31,7 @@ from .kernels import GenericKernel, register_kernel
 from .layout import Layout
 from .moments import ReplicaMean
 
-__all__ = ["NumpyKernel"]
+__all__ = ["NumpyKernel", "is_numpy"]
 
 _BLOCK_ELEMENTS = 1 << 17  # 512 KiB of float32: a block stays in L2 between passes
 _SUM_ROWS = 4096  # at most this many rows summed in float32 before going to float64
@@ -299,4 +299,9 @@ class NumpyKernel(GenericKernel):
         return dx
 
 
-register_kernel(lambda xp: xp.__name__.endswith("numpy"), NumpyKernel())
+def is_numpy(xp: Any) -> bool:
+    """Whether ``xp`` is a NumPy namespace (NumPy itself or array-api-compat's wrapper)."""
+    return xp.__name__.endswith("numpy")
+
+
+register_kernel(is_numpy, NumpyKernel())

@@ -1,5 +1,5 @@
 """Unit tests of the core's parts: schedules, config, state, moments, recalibration,
-deferred update, warm-up, low precision, the NumPy kernel and the array layer."""
+deferred update, warm-up, low precision, the NumPy kernels and the array layer."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import portable_brn as pb
 from portable_brn import schedules
 from portable_brn.adapters.array import BatchRenorm
 from portable_brn.conformance import reference as ref
-from portable_brn.kernels import GenericKernel
+from portable_brn.kernels import GenericKernel, kernel_for, kernel_forced
 from portable_brn.layout import make_layout
-from portable_brn.numpy_kernel import NumpyKernel
+from portable_brn.numpy_kernel import NumpyKernel, is_numpy
 
 from conftest import rel_err
 
@@ -142,13 +142,15 @@ def test_float16_keeps_float32_statistics() -> None:
 @pytest.mark.parametrize(("shape", "feature_axis", "micro_batch"), [
     ((8, 6, 5, 4), 1, None), ((8, 6, 5, 4), -1, 2), ((64, 7), 1, None), ((6, 4, 5), (1, 2), 3),
 ])
-def test_numpy_kernel_agrees_with_generic(shape, feature_axis, micro_batch) -> None:
+@pytest.mark.parametrize("kernel_name", ["NumpyKernel", "NumbaKernel"])
+def test_numpy_kernel_agrees_with_generic(shape, feature_axis, micro_batch,
+                                          kernel_name) -> None:
     import array_api_compat.numpy as xp
     rng = np.random.default_rng(6)
     layout = make_layout(shape, feature_axis, micro_batch)
     view = np.reshape(rng.normal(0.3, 2.0, shape), layout.view_shape)
     grad = rng.standard_normal(layout.view_shape)
-    fast, generic = NumpyKernel(), GenericKernel()
+    fast, generic = _numpy_kernel(kernel_name), GenericKernel()
     mean, var = generic.moments(xp, view, layout, None)
     for a, b in zip(fast.moments(xp, view, layout, None), (mean, var), strict=True):
         assert rel_err(a, b) < 1e-13
@@ -182,15 +184,38 @@ def test_numpy_kernel_folds_rows_up_to_a_wide_row(rows, features, fold) -> None:
     assert rel_err(NumpyKernel().affine(*args), GenericKernel().affine(*args)) < 1e-7
 
 
-def test_numpy_kernel_stays_exact_for_large_means() -> None:
+def _numpy_kernel(name: str) -> NumpyKernel:
+    """A fresh NumPy kernel by class name (the Numba one skips where Numba is missing)."""
+    if name == "NumbaKernel":
+        pytest.importorskip("numba", reason="the Numba kernel needs portable-brn[numba]")
+        from portable_brn.numba_kernel import NumbaKernel
+        return NumbaKernel()
+    return NumpyKernel()
+
+
+def test_numba_kernel_serves_numpy_when_installed() -> None:
+    pytest.importorskip("numba", reason="the Numba kernel needs portable-brn[numba]")
+    import array_api_compat.numpy as xp
+
+    from portable_brn.numba_kernel import NumbaKernel
+    assert isinstance(kernel_for(xp), NumbaKernel) and isinstance(kernel_for(np), NumbaKernel)
+    with kernel_forced(is_numpy, NumpyKernel()):
+        assert type(kernel_for(xp)) is NumpyKernel
+    assert isinstance(kernel_for(xp), NumbaKernel)
+
+
+@pytest.mark.parametrize("kernel_name", ["NumpyKernel", "NumbaKernel"])
+@pytest.mark.parametrize("shape", [(32, 8, 6, 6), (256, 8)])
+def test_numpy_kernel_stays_exact_for_large_means(kernel_name, shape) -> None:
     """One-pass sums would lose every digit here; the kernel falls back to two passes."""
     rng = np.random.default_rng(7)
-    x = (1000.0 + rng.standard_normal((32, 8, 6, 6))).astype(np.float32)
+    x = (1000.0 + rng.standard_normal(shape)).astype(np.float32)
     dy = rng.standard_normal(x.shape).astype(np.float32)
     state = pb.RenormState(np.full(8, 1000.0, np.float32), np.ones(8, np.float32),
                            np.asarray(0))
-    y, new, residuals = pb.forward_train(x, state, None, None, pb.RenormConfig())
-    dx, _, _ = pb.backward(residuals, dy)
+    with kernel_forced(is_numpy, _numpy_kernel(kernel_name)):
+        y, new, residuals = pb.forward_train(x, state, None, None, pb.RenormConfig())
+        dx, _, _ = pb.backward(residuals, dy)
     expected = ref.train_step(x, state.mean, state.std, 0, dy=dy)
     assert rel_err(y, expected["y"]) < 1e-4 and rel_err(dx, expected["dx"]) < 1e-4
     assert rel_err(new.std, expected["std"]) < 1e-5

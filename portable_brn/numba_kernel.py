@@ -1,0 +1,197 @@
+"""A fused kernel for NumPy, compiled by Numba when it is installed (``portable-brn[numba]``).
+
+Each full-size operation of a training step is one pass over memory: the moments, ``y``,
+the gradient sums and ``dx``, where ``NumpyKernel``'s ufuncs need one to four passes each.
+For arrays that fit in cache (an MLP's ``(1024, 512)``) every pass costs about a copy.
+
+It serves float32/float64 ndarrays whose features are the innermost axis (``(N, C)``
+rows, channels-last); anything else goes to ``NumpyKernel``.  Sums add ``_BLOCK_ROWS``
+rows at a time in the input's dtype and the blocks in float64 (``NumpyKernel``'s BLAS
+sums run float32 over up to 4,096 rows); the moments take a second pass centered on the
+mean in the same cases as ``NumpyKernel``.  The passes are serial, since Numba's default
+threading layer must not be entered from two Python threads at once, and still beat
+``NumpyKernel`` on two threads: 4.3 against 7.3 copies for a training step at
+(32, 56, 56, 64).
+
+Numba is imported, and the passes compiled (cached on disk), on first use.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from functools import cache
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+from .kernels import register_kernel
+from .layout import Layout
+from .moments import ReplicaMean
+from .numpy_kernel import NumpyKernel, is_numpy
+
+__all__ = ["NumbaKernel"]
+
+_BLOCK_ROWS = 64  # rows summed in the input's dtype before going to float64
+
+
+@cache
+def _passes() -> SimpleNamespace:
+    """The compiled passes over ``(groups, rows, features)`` arrays with per-feature
+    arrays ``(groups, features)`` (compiled on first call, one version per dtype)."""
+    from numba import njit
+
+    jit = njit(cache=True, nogil=True)
+
+    def pair_sums(terms):
+        """A compiled ``(a, b, center) -> (sum(first), sum(second))`` per feature in
+        float64, where ``first, second = terms(a, b, center)`` elementwise.  Four rows at
+        a time, so the block totals are read and written once per four elements."""
+
+        @jit
+        def sums(a, b, center):
+            groups, rows, features = a.shape
+            total, total_second = np.zeros((groups, features)), np.zeros((groups, features))
+            block, block_second = np.empty(features, a.dtype), np.empty(features, a.dtype)
+            for g in range(groups):
+                c = center[g]
+                for start in range(0, rows, _BLOCK_ROWS):
+                    stop = min(start + _BLOCK_ROWS, rows)
+                    block[:] = 0
+                    block_second[:] = 0
+                    r = start
+                    while r + 4 <= stop:  # then the last rows one by one
+                        a0, a1, a2, a3 = a[g, r], a[g, r + 1], a[g, r + 2], a[g, r + 3]
+                        b0, b1, b2, b3 = b[g, r], b[g, r + 1], b[g, r + 2], b[g, r + 3]
+                        for f in range(features):
+                            u0, v0 = terms(a0[f], b0[f], c[f])
+                            u1, v1 = terms(a1[f], b1[f], c[f])
+                            u2, v2 = terms(a2[f], b2[f], c[f])
+                            u3, v3 = terms(a3[f], b3[f], c[f])
+                            block[f] += (u0 + u1) + (u2 + u3)
+                            block_second[f] += (v0 + v1) + (v2 + v3)
+                        r += 4
+                    for rest in range(r, stop):
+                        for f in range(features):
+                            u, v = terms(a[g, rest, f], b[g, rest, f], c[f])
+                            block[f] += u
+                            block_second[f] += v
+                    total[g] += block
+                    total_second[g] += block_second
+            return total, total_second
+
+        return sums
+
+    @jit
+    def moment_terms(x, _, center):
+        centered = x - center
+        return centered, centered * centered
+
+    @jit
+    def grad_terms(grad, x, mean):
+        return grad, grad * (x - mean)
+
+    @jit
+    def affine(x, scale, shift, out):
+        """``out = x * scale + shift``."""
+        groups, rows, features = x.shape
+        for g in range(groups):
+            a, b = scale[g], shift[g]
+            for r in range(rows):
+                x_row, out_row = x[g, r], out[g, r]
+                for f in range(features):
+                    out_row[f] = x_row[f] * a[f] + b[f]
+
+    @jit
+    def grad_input(grad, x, mean, scale, x_scale, shift, out):
+        """``out = grad * scale + (x - mean) * x_scale + shift``."""
+        groups, rows, features = x.shape
+        for g in range(groups):
+            m, a, b, c = mean[g], scale[g], x_scale[g], shift[g]
+            for r in range(rows):
+                g_row, x_row, out_row = grad[g, r], x[g, r], out[g, r]
+                for f in range(features):
+                    out_row[f] = g_row[f] * a[f] + (x_row[f] - m[f]) * b[f] + c[f]
+
+    return SimpleNamespace(moment_sums=pair_sums(moment_terms),
+                           grad_sums=pair_sums(grad_terms), affine=affine, grad_input=grad_input)
+
+
+class NumbaKernel(NumpyKernel):
+    """``NumpyKernel``'s contract in one compiled pass per operation."""
+
+    @staticmethod
+    def _rows(layout: Layout, *arrays: Any) -> tuple[int, int, int] | None:
+        """``(groups, rows, features)`` when this kernel serves the call, else None."""
+        canon = NumpyKernel._canonical(layout, *arrays)
+        if canon is None or canon.shape[3] != 1:
+            return None
+        return canon.shape[:3]
+
+    @staticmethod
+    def _full(a: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+        """A full-size array as C-contiguous ``(groups, rows, features)``."""
+        return np.ascontiguousarray(a.reshape(shape))
+
+    @staticmethod
+    def _per_feature(a: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+        """A per-feature (or per-group) array as C-contiguous ``(groups, features)``."""
+        groups, _, features = shape
+        rows = a.reshape(-1, features)
+        if rows.shape[0] != groups:  # one row for every group
+            rows = np.broadcast_to(rows, (groups, features))
+        return np.ascontiguousarray(rows)
+
+    def moments(self, xp: Any, view: Any, layout: Layout,
+                replica_mean: ReplicaMean) -> tuple[Any, Any]:
+        shape = None if replica_mean is not None else self._rows(layout, view)
+        if shape is None:
+            return super().moments(xp, view, layout, replica_mean)
+        x, count = self._full(view, shape), layout.count
+        center = np.zeros((shape[0], shape[2]), view.dtype)
+        total, squares = _passes().moment_sums(x, x, center)
+        mean = total / count
+        var = squares / count - mean * mean
+        if np.any(mean * mean > var):  # one pass lost digits: center on the mean
+            center = mean.astype(view.dtype)
+            offset, squares = _passes().moment_sums(x, x, center)
+            offset /= count
+            mean, var = center + offset, squares / count - offset * offset
+        return (mean.astype(view.dtype).reshape(layout.stat_shape),
+                np.maximum(var, 0.0).astype(view.dtype).reshape(layout.stat_shape))
+
+    def affine(self, xp: Any, view: Any, scale: Any, shift: Any, dtype: Any,
+               layout: Layout) -> Any:
+        shape = self._rows(layout, view, scale, shift)
+        if shape is None or dtype != view.dtype:
+            return super().affine(xp, view, scale, shift, dtype, layout)
+        y = np.empty(shape, view.dtype)
+        _passes().affine(self._full(view, shape), self._per_feature(scale, shape),
+                         self._per_feature(shift, shape), y)
+        return np.reshape(y, view.shape)
+
+    def grad_sums(self, xp: Any, grad: Any, view: Any, mean: Any, inv_std: Any,
+                  layout: Layout) -> tuple[Any, Any]:
+        shape = self._rows(layout, grad, view, mean, inv_std)
+        if shape is None:
+            return super().grad_sums(xp, grad, view, mean, inv_std, layout)
+        sum_g, sum_gc = _passes().grad_sums(self._full(grad, shape), self._full(view, shape),
+                                            self._per_feature(mean, shape))
+        return (sum_g.astype(view.dtype).reshape(layout.stat_shape),
+                sum_gc.astype(view.dtype).reshape(layout.stat_shape))
+
+    def grad_input(self, xp: Any, grad: Any, view: Any, mean: Any, inv_std: Any, scale: Any,
+                   x_scale: Any, shift: Any, dtype: Any, layout: Layout) -> Any:
+        shape = self._rows(layout, grad, view, mean, inv_std, scale, x_scale, shift)
+        if shape is None or dtype != view.dtype:
+            return super().grad_input(xp, grad, view, mean, inv_std, scale, x_scale, shift,
+                                      dtype, layout)
+        dx = np.empty(shape, view.dtype)
+        _passes().grad_input(self._full(grad, shape), self._full(view, shape),
+                             *(self._per_feature(p, shape)
+                               for p in (mean, scale, x_scale, shift)), dx)
+        return np.reshape(dx, view.shape)
+
+
+if importlib.util.find_spec("numba") is not None:
+    register_kernel(is_numpy, NumbaKernel())
