@@ -4,8 +4,8 @@ Each full-size operation of a training step is one pass over memory: the moments
 the gradient sums and ``dx``, where ``NumpyKernel``'s ufuncs need one to four passes each.
 For arrays that fit in cache (an MLP's ``(1024, 512)``) every pass costs about a copy.
 
-It serves float32/float64 ndarrays whose features are the innermost axis (``(N, C)``
-rows, channels-last); anything else goes to ``NumpyKernel``.  Sums add ``_BLOCK_ROWS``
+It serves float32/float64 ndarrays whose feature axes are adjacent (``(N, C)`` rows,
+channels-last, NCHW); anything else goes to ``NumpyKernel``.  Sums add ``_BLOCK_ROWS``
 rows at a time in the input's dtype and the blocks in float64 (``NumpyKernel``'s BLAS
 sums run float32 over up to 4,096 rows); the moments take a second pass centered on the
 mean in the same cases as ``NumpyKernel``.  The passes are serial, since Numba's default
@@ -37,8 +37,9 @@ _BLOCK_ROWS = 64  # rows summed in the input's dtype before going to float64
 
 @cache
 def _passes() -> SimpleNamespace:
-    """The compiled passes over ``(groups, rows, features)`` arrays with per-feature
-    arrays ``(groups, features)`` (compiled on first call, one version per dtype)."""
+    """The compiled passes, ``rows`` over ``(groups, rows, features)`` arrays and ``cols``
+    over ``(groups, rows, features, cols)`` ones, with per-feature arrays
+    ``(groups, features)`` (compiled on first call, one version per dtype)."""
     from numba import njit
 
     jit = njit(cache=True, nogil=True)
@@ -113,30 +114,91 @@ def _passes() -> SimpleNamespace:
                 for f in range(features):
                     out_row[f] = g_row[f] * a[f] + (x_row[f] - m[f]) * b[f] + c[f]
 
-    return SimpleNamespace(moment_sums=pair_sums(moment_terms),
-                           grad_sums=pair_sums(grad_terms), affine=affine, grad_input=grad_input)
+    def cols_sums(terms):
+        """``pair_sums`` for ``(groups, rows, features, cols)`` arrays whose features are
+        not innermost: each feature's rows of ``cols`` values summed lane by lane."""
+
+        @jit
+        def sums(a, b, center):
+            groups, rows, features, cols = a.shape
+            total, total_second = np.zeros((groups, features)), np.zeros((groups, features))
+            lane, lane_second = np.empty(cols, a.dtype), np.empty(cols, a.dtype)
+            for g in range(groups):
+                for f in range(features):
+                    c = center[g, f]
+                    for start in range(0, rows, _BLOCK_ROWS):
+                        lane[:] = 0
+                        lane_second[:] = 0
+                        for r in range(start, min(start + _BLOCK_ROWS, rows)):
+                            a_row, b_row = a[g, r, f], b[g, r, f]
+                            for k in range(cols):
+                                u, v = terms(a_row[k], b_row[k], c)
+                                lane[k] += u
+                                lane_second[k] += v
+                        for k in range(cols):
+                            total[g, f] += lane[k]
+                            total_second[g, f] += lane_second[k]
+            return total, total_second
+
+        return sums
+
+    @jit
+    def cols_affine(x, scale, shift, out):
+        """``affine`` for ``(groups, rows, features, cols)`` arrays."""
+        groups, rows, features, cols = x.shape
+        for g in range(groups):
+            for r in range(rows):
+                for f in range(features):
+                    a, b, x_row, out_row = scale[g, f], shift[g, f], x[g, r, f], out[g, r, f]
+                    for k in range(cols):
+                        out_row[k] = x_row[k] * a + b
+
+    @jit
+    def cols_grad_input(grad, x, mean, scale, x_scale, shift, out):
+        """``grad_input`` for ``(groups, rows, features, cols)`` arrays."""
+        groups, rows, features, cols = x.shape
+        for g in range(groups):
+            for r in range(rows):
+                for f in range(features):
+                    m, a, b, c = mean[g, f], scale[g, f], x_scale[g, f], shift[g, f]
+                    g_row, x_row, out_row = grad[g, r, f], x[g, r, f], out[g, r, f]
+                    for k in range(cols):
+                        out_row[k] = g_row[k] * a + (x_row[k] - m) * b + c
+
+    rows = SimpleNamespace(moment_sums=pair_sums(moment_terms), grad_sums=pair_sums(grad_terms),
+                           affine=affine, grad_input=grad_input)
+    cols = SimpleNamespace(moment_sums=cols_sums(moment_terms), grad_sums=cols_sums(grad_terms),
+                           affine=cols_affine, grad_input=cols_grad_input)
+    return SimpleNamespace(rows=rows, cols=cols)
+
+
+Shape = tuple[int, int, int, int]  # (groups, rows, features, cols), as NumpyKernel's
 
 
 class NumbaKernel(NumpyKernel):
     """``NumpyKernel``'s contract in one compiled pass per operation."""
 
     @staticmethod
-    def _rows(layout: Layout, *arrays: Any) -> tuple[int, int, int] | None:
-        """``(groups, rows, features)`` when this kernel serves the call, else None."""
+    def _shape(layout: Layout, *arrays: Any) -> Shape | None:
+        """The canonical shape when this kernel serves the call, else None."""
         canon = NumpyKernel._canonical(layout, *arrays)
-        if canon is None or canon.shape[3] != 1:
-            return None
-        return canon.shape[:3]
+        return None if canon is None else canon.shape
 
     @staticmethod
-    def _full(a: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
-        """A full-size array as C-contiguous ``(groups, rows, features)``."""
-        return np.ascontiguousarray(a.reshape(shape))
+    def _passes(shape: Shape) -> SimpleNamespace:
+        """The passes for features innermost (``cols == 1``) or not."""
+        return _passes().rows if shape[3] == 1 else _passes().cols
 
     @staticmethod
-    def _per_feature(a: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    def _full(a: np.ndarray, shape: Shape) -> np.ndarray:
+        """A full-size array, C-contiguous, as ``(groups, rows, features)`` when features
+        are innermost, else as ``(groups, rows, features, cols)``."""
+        return np.ascontiguousarray(a.reshape(shape[:3] if shape[3] == 1 else shape))
+
+    @staticmethod
+    def _per_feature(a: np.ndarray, shape: Shape) -> np.ndarray:
         """A per-feature (or per-group) array as C-contiguous ``(groups, features)``."""
-        groups, _, features = shape
+        groups, _, features, _ = shape
         rows = a.reshape(-1, features)
         if rows.shape[0] != groups:  # one row for every group
             rows = np.broadcast_to(rows, (groups, features))
@@ -144,17 +206,17 @@ class NumbaKernel(NumpyKernel):
 
     def moments(self, xp: Any, view: Any, layout: Layout,
                 replica_mean: ReplicaMean) -> tuple[Any, Any]:
-        shape = None if replica_mean is not None else self._rows(layout, view)
+        shape = None if replica_mean is not None else self._shape(layout, view)
         if shape is None:
             return super().moments(xp, view, layout, replica_mean)
         x, count = self._full(view, shape), layout.count
-        center = np.zeros((shape[0], shape[2]), view.dtype)
-        total, squares = _passes().moment_sums(x, x, center)
+        moment_sums = self._passes(shape).moment_sums
+        total, squares = moment_sums(x, x, np.zeros((shape[0], shape[2]), view.dtype))
         mean = total / count
         var = squares / count - mean * mean
         if np.any(mean * mean > var):  # one pass lost digits: center on the mean
             center = mean.astype(view.dtype)
-            offset, squares = _passes().moment_sums(x, x, center)
+            offset, squares = moment_sums(x, x, center)
             offset /= count
             mean, var = center + offset, squares / count - offset * offset
         return (mean.astype(view.dtype).reshape(layout.stat_shape),
@@ -162,35 +224,37 @@ class NumbaKernel(NumpyKernel):
 
     def affine(self, xp: Any, view: Any, scale: Any, shift: Any, dtype: Any,
                layout: Layout) -> Any:
-        shape = self._rows(layout, view, scale, shift)
+        shape = self._shape(layout, view, scale, shift)
         if shape is None or dtype != view.dtype:
             return super().affine(xp, view, scale, shift, dtype, layout)
-        y = np.empty(shape, view.dtype)
-        _passes().affine(self._full(view, shape), self._per_feature(scale, shape),
-                         self._per_feature(shift, shape), y)
-        return np.reshape(y, view.shape)
+        x = self._full(view, shape)
+        y = np.empty_like(x)
+        self._passes(shape).affine(x, self._per_feature(scale, shape),
+                                   self._per_feature(shift, shape), y)
+        return y.reshape(view.shape)
 
     def grad_sums(self, xp: Any, grad: Any, view: Any, mean: Any, inv_std: Any,
                   layout: Layout) -> tuple[Any, Any]:
-        shape = self._rows(layout, grad, view, mean, inv_std)
+        shape = self._shape(layout, grad, view, mean, inv_std)
         if shape is None:
             return super().grad_sums(xp, grad, view, mean, inv_std, layout)
-        sum_g, sum_gc = _passes().grad_sums(self._full(grad, shape), self._full(view, shape),
-                                            self._per_feature(mean, shape))
+        sum_g, sum_gc = self._passes(shape).grad_sums(
+            self._full(grad, shape), self._full(view, shape), self._per_feature(mean, shape))
         return (sum_g.astype(view.dtype).reshape(layout.stat_shape),
                 sum_gc.astype(view.dtype).reshape(layout.stat_shape))
 
     def grad_input(self, xp: Any, grad: Any, view: Any, mean: Any, inv_std: Any, scale: Any,
                    x_scale: Any, shift: Any, dtype: Any, layout: Layout) -> Any:
-        shape = self._rows(layout, grad, view, mean, inv_std, scale, x_scale, shift)
+        shape = self._shape(layout, grad, view, mean, inv_std, scale, x_scale, shift)
         if shape is None or dtype != view.dtype:
             return super().grad_input(xp, grad, view, mean, inv_std, scale, x_scale, shift,
                                       dtype, layout)
-        dx = np.empty(shape, view.dtype)
-        _passes().grad_input(self._full(grad, shape), self._full(view, shape),
-                             *(self._per_feature(p, shape)
-                               for p in (mean, scale, x_scale, shift)), dx)
-        return np.reshape(dx, view.shape)
+        x = self._full(view, shape)
+        dx = np.empty_like(x)
+        self._passes(shape).grad_input(
+            self._full(grad, shape), x,
+            *(self._per_feature(p, shape) for p in (mean, scale, x_scale, shift)), dx)
+        return dx.reshape(view.shape)
 
 
 if importlib.util.find_spec("numba") is not None:
