@@ -26,9 +26,7 @@ from typing import Any
 import numpy as np
 
 from .kernels import register_kernel
-from .layout import Layout
-from .moments import ReplicaMean
-from .numpy_kernel import NumpyKernel, is_numpy
+from .numpy_kernel import NumpyKernel, _Canonical, as_stats, is_numpy, moments_from_sums
 
 __all__ = ["NumbaKernel"]
 
@@ -172,88 +170,60 @@ def _passes() -> SimpleNamespace:
     return SimpleNamespace(rows=rows, cols=cols)
 
 
-Shape = tuple[int, int, int, int]  # (groups, rows, features, cols), as NumpyKernel's
-
-
 class NumbaKernel(NumpyKernel):
-    """``NumpyKernel``'s contract in one compiled pass per operation."""
+    """``NumpyKernel``'s contract (and its checks) with one compiled pass per operation."""
 
     @staticmethod
-    def _shape(layout: Layout, *arrays: Any) -> Shape | None:
-        """The canonical shape when this kernel serves the call, else None."""
-        canon = NumpyKernel._canonical(layout, *arrays)
-        return None if canon is None else canon.shape
-
-    @staticmethod
-    def _passes(shape: Shape) -> SimpleNamespace:
+    def _passes(canon: _Canonical) -> SimpleNamespace:
         """The passes for features innermost (``cols == 1``) or not."""
-        return _passes().rows if shape[3] == 1 else _passes().cols
+        return _passes().rows if canon.shape[3] == 1 else _passes().cols
 
     @staticmethod
-    def _full(a: np.ndarray, shape: Shape) -> np.ndarray:
+    def _full(canon: _Canonical, a: np.ndarray) -> np.ndarray:
         """A full-size array, C-contiguous, as ``(groups, rows, features)`` when features
         are innermost, else as ``(groups, rows, features, cols)``."""
+        shape = canon.shape
         return np.ascontiguousarray(a.reshape(shape[:3] if shape[3] == 1 else shape))
 
     @staticmethod
-    def _per_feature(a: np.ndarray, shape: Shape) -> np.ndarray:
+    def _per_feature(canon: _Canonical, a: np.ndarray) -> np.ndarray:
         """A per-feature (or per-group) array as C-contiguous ``(groups, features)``."""
-        groups, _, features, _ = shape
+        groups, _, features, _ = canon.shape
         rows = a.reshape(-1, features)
         if rows.shape[0] != groups:  # one row for every group
             rows = np.broadcast_to(rows, (groups, features))
         return np.ascontiguousarray(rows)
 
-    def moments(self, xp: Any, view: Any, layout: Layout,
-                replica_mean: ReplicaMean) -> tuple[Any, Any]:
-        shape = None if replica_mean is not None else self._shape(layout, view)
-        if shape is None:
-            return super().moments(xp, view, layout, replica_mean)
-        x, count = self._full(view, shape), layout.count
-        moment_sums = self._passes(shape).moment_sums
-        total, squares = moment_sums(x, x, np.zeros((shape[0], shape[2]), view.dtype))
-        mean = total / count
-        var = squares / count - mean * mean
-        if np.any(mean * mean > var):  # one pass lost digits: center on the mean
-            center = mean.astype(view.dtype)
-            offset, squares = moment_sums(x, x, center)
-            offset /= count
-            mean, var = center + offset, squares / count - offset * offset
-        return (mean.astype(view.dtype).reshape(layout.stat_shape),
-                np.maximum(var, 0.0).astype(view.dtype).reshape(layout.stat_shape))
+    def _moments_on(self, canon: _Canonical, view: np.ndarray) -> tuple[Any, Any]:
+        x, moment_sums = self._full(canon, view), self._passes(canon).moment_sums
+        no_center = np.zeros((canon.shape[0], canon.shape[2]), view.dtype)
+        return moments_from_sums(
+            lambda center: moment_sums(x, x, no_center if center is None
+                                       else self._per_feature(canon, center)),
+            canon.layout, view.dtype)
 
-    def affine(self, xp: Any, view: Any, scale: Any, shift: Any, dtype: Any,
-               layout: Layout) -> Any:
-        shape = self._shape(layout, view, scale, shift)
-        if shape is None or dtype != view.dtype:
-            return super().affine(xp, view, scale, shift, dtype, layout)
-        x = self._full(view, shape)
+    def _affine_on(self, canon: _Canonical, view: np.ndarray, scale: np.ndarray,
+                   shift: np.ndarray) -> np.ndarray:
+        x = self._full(canon, view)
         y = np.empty_like(x)
-        self._passes(shape).affine(x, self._per_feature(scale, shape),
-                                   self._per_feature(shift, shape), y)
+        self._passes(canon).affine(x, self._per_feature(canon, scale),
+                                   self._per_feature(canon, shift), y)
         return y.reshape(view.shape)
 
-    def grad_sums(self, xp: Any, grad: Any, view: Any, mean: Any, inv_std: Any,
-                  layout: Layout) -> tuple[Any, Any]:
-        shape = self._shape(layout, grad, view, mean, inv_std)
-        if shape is None:
-            return super().grad_sums(xp, grad, view, mean, inv_std, layout)
-        sum_g, sum_gc = self._passes(shape).grad_sums(
-            self._full(grad, shape), self._full(view, shape), self._per_feature(mean, shape))
-        return (sum_g.astype(view.dtype).reshape(layout.stat_shape),
-                sum_gc.astype(view.dtype).reshape(layout.stat_shape))
+    def _grad_sums_on(self, canon: _Canonical, grad: np.ndarray, view: np.ndarray,
+                      mean: np.ndarray, inv_std: np.ndarray) -> tuple[Any, Any]:
+        sums = self._passes(canon).grad_sums(self._full(canon, grad), self._full(canon, view),
+                                             self._per_feature(canon, mean))
+        return as_stats(canon.layout, view.dtype, *sums)
 
-    def grad_input(self, xp: Any, grad: Any, view: Any, mean: Any, inv_std: Any, scale: Any,
-                   x_scale: Any, shift: Any, dtype: Any, layout: Layout) -> Any:
-        shape = self._shape(layout, grad, view, mean, inv_std, scale, x_scale, shift)
-        if shape is None or dtype != view.dtype:
-            return super().grad_input(xp, grad, view, mean, inv_std, scale, x_scale, shift,
-                                      dtype, layout)
-        x = self._full(view, shape)
+    def _grad_input_on(self, canon: _Canonical, grad: np.ndarray, view: np.ndarray,
+                       mean: np.ndarray, inv_std: np.ndarray, scale: np.ndarray,
+                       x_scale: np.ndarray, shift: np.ndarray) -> np.ndarray:
+        x = self._full(canon, view)
         dx = np.empty_like(x)
-        self._passes(shape).grad_input(
-            self._full(grad, shape), x,
-            *(self._per_feature(p, shape) for p in (mean, scale, x_scale, shift)), dx)
+        self._passes(canon).grad_input(
+            self._full(canon, grad), x,
+            *(self._per_feature(canon, p) for p in (mean, scale, x_scale, shift)), dx)
         return dx.reshape(view.shape)
 
 

@@ -31,7 +31,7 @@ from .kernels import GenericKernel, register_kernel
 from .layout import Layout
 from .moments import ReplicaMean
 
-__all__ = ["NumpyKernel", "is_numpy"]
+__all__ = ["NumpyKernel", "as_stats", "is_numpy", "moments_from_sums"]
 
 _BLOCK_ELEMENTS = 1 << 17  # 512 KiB of float32: a block stays in L2 between passes
 _SUM_ROWS = 4096  # at most this many rows summed in float32 before going to float64
@@ -122,6 +122,27 @@ def _tasks(shape: tuple[int, int, int, int], block_elements: int,
     return tuple((g, slice(r, min(r + row_step, rows)), slice(f, f + feature_step))
                  for g in range(groups) for r in range(0, rows, row_step)
                  for f in range(0, features, feature_step))
+
+
+def as_stats(layout: Layout, dtype: Any, *sums: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Float64 per-feature results in ``dtype``, shaped to broadcast against the view."""
+    return tuple(a.astype(dtype).reshape(layout.stat_shape) for a in sums)
+
+
+def moments_from_sums(sums: Callable[[np.ndarray | None], Any], layout: Layout,
+                      dtype: Any) -> tuple[np.ndarray, ...]:
+    """Mean and biased variance from ``sums(center)``, the per-feature float64 sums of
+    ``x - center`` and of its squares (``center`` None: of ``x``).  One pass, and a second
+    centered on the mean where the first lost digits (some feature's ``|mean| > std``)."""
+    total, squares = sums(None)
+    mean = total / layout.count
+    var = squares / layout.count - mean * mean
+    if np.any(mean * mean > var):
+        center = mean.astype(dtype)
+        offset, squares = sums(center)
+        offset = offset / layout.count
+        mean, var = center + offset, squares / layout.count - offset * offset
+    return as_stats(layout, dtype, mean, np.maximum(var, 0.0))
 
 
 class _Canonical:
@@ -222,27 +243,50 @@ class NumpyKernel(GenericKernel):
         canon = None if replica_mean is not None else self._canonical(layout, view)
         if canon is None:
             return super().moments(xp, view, layout, replica_mean)
-        x4, count = canon.array(view), layout.count
-        total, squares = canon.totals(
-            x4, lambda t, s: (_row_sums(x4[t]), _row_dots(x4[t], x4[t], s)), in_cache=False)
-        mean = total / count
-        var = squares / count - mean * mean
-        if np.any(mean * mean > var):  # one pass lost digits: center on the mean
-            center = mean.astype(view.dtype)
-
-            def centered_sums(task: Task, scratch: np.ndarray) -> tuple[Any, Any]:
-                centered = np.subtract(x4[task], _at(center, task), out=scratch)
-                return _row_sums(centered), _row_dots(centered, centered, centered)
-            offset, squares = canon.totals(x4, centered_sums, in_cache=True) / count
-            mean, var = center + offset, squares - offset * offset
-        return (mean.astype(view.dtype).reshape(layout.stat_shape),
-                np.maximum(var, 0.0).astype(view.dtype).reshape(layout.stat_shape))
+        return self._moments_on(canon, view)
 
     def affine(self, xp: Any, view: Any, scale: Any, shift: Any, dtype: Any,
                layout: Layout) -> Any:
         canon = self._canonical(layout, view, scale, shift)
         if canon is None or dtype != view.dtype:
             return super().affine(xp, view, scale, shift, dtype, layout)
+        return self._affine_on(canon, view, scale, shift)
+
+    def grad_sums(self, xp: Any, grad: Any, view: Any, mean: Any, inv_std: Any,
+                  layout: Layout) -> tuple[Any, Any]:
+        canon = self._canonical(layout, grad, view, mean, inv_std)
+        if canon is None:
+            return super().grad_sums(xp, grad, view, mean, inv_std, layout)
+        return self._grad_sums_on(canon, grad, view, mean, inv_std)
+
+    def grad_input(self, xp: Any, grad: Any, view: Any, mean: Any, inv_std: Any, scale: Any,
+                   x_scale: Any, shift: Any, dtype: Any, layout: Layout) -> Any:
+        canon = self._canonical(layout, grad, view, mean, inv_std, scale, x_scale, shift)
+        if canon is None or dtype != view.dtype:
+            return super().grad_input(xp, grad, view, mean, inv_std, scale, x_scale, shift,
+                                      dtype, layout)
+        return self._grad_input_on(canon, grad, view, mean, inv_std, scale, x_scale, shift)
+
+    # The passes on a call that fits the canonical view (a subclass may compute them
+    # differently and keep the checks above).
+
+    def _moments_on(self, canon: _Canonical, view: np.ndarray) -> tuple[Any, Any]:
+        x4 = canon.array(view)
+
+        def sums(center: np.ndarray | None) -> Any:
+            if center is None:
+                return canon.totals(x4, lambda t, s: (_row_sums(x4[t]),
+                                                      _row_dots(x4[t], x4[t], s)),
+                                    in_cache=False)
+
+            def centered_sums(task: Task, scratch: np.ndarray) -> tuple[Any, Any]:
+                centered = np.subtract(x4[task], _at(center, task), out=scratch)
+                return _row_sums(centered), _row_dots(centered, centered, centered)
+            return canon.totals(x4, centered_sums, in_cache=True)
+        return moments_from_sums(sums, canon.layout, view.dtype)
+
+    def _affine_on(self, canon: _Canonical, view: np.ndarray, scale: np.ndarray,
+                   shift: np.ndarray) -> np.ndarray:
         canon = canon.widened()
         x4, a, b = canon.array(view), canon.per_feature(scale), canon.per_feature(shift)
         y = np.empty(view.shape, view.dtype)
@@ -253,11 +297,8 @@ class NumpyKernel(GenericKernel):
         canon.elementwise(y, fill)
         return y
 
-    def grad_sums(self, xp: Any, grad: Any, view: Any, mean: Any, inv_std: Any,
-                  layout: Layout) -> tuple[Any, Any]:
-        canon = self._canonical(layout, grad, view, mean, inv_std)
-        if canon is None:
-            return super().grad_sums(xp, grad, view, mean, inv_std, layout)
+    def _grad_sums_on(self, canon: _Canonical, grad: np.ndarray, view: np.ndarray,
+                      mean: np.ndarray, inv_std: np.ndarray) -> tuple[Any, Any]:
         g4, x4, m = canon.array(grad), canon.array(view), canon.per_feature(mean)
         if _offset(mean, inv_std):  # sum(g x) - mean sum(g) would cancel
             def block_sums(task: Task, scratch: np.ndarray) -> tuple[Any, Any]:
@@ -269,15 +310,11 @@ class NumpyKernel(GenericKernel):
                 g4, lambda t, s: (_row_sums(g4[t]), _row_dots(g4[t], x4[t], s)),
                 in_cache=False)
             sum_gc = sum_gx - m * sum_g
-        return (sum_g.astype(view.dtype).reshape(layout.stat_shape),
-                sum_gc.astype(view.dtype).reshape(layout.stat_shape))
+        return as_stats(canon.layout, view.dtype, sum_g, sum_gc)
 
-    def grad_input(self, xp: Any, grad: Any, view: Any, mean: Any, inv_std: Any, scale: Any,
-                   x_scale: Any, shift: Any, dtype: Any, layout: Layout) -> Any:
-        canon = self._canonical(layout, grad, view, mean, inv_std, scale, x_scale, shift)
-        if canon is None or dtype != view.dtype:
-            return super().grad_input(xp, grad, view, mean, inv_std, scale, x_scale, shift,
-                                      dtype, layout)
+    def _grad_input_on(self, canon: _Canonical, grad: np.ndarray, view: np.ndarray,
+                       mean: np.ndarray, inv_std: np.ndarray, scale: np.ndarray,
+                       x_scale: np.ndarray, shift: np.ndarray) -> np.ndarray:
         centered = _offset(mean, inv_std)
         if not centered:  # x * x_scale + (shift - mean * x_scale): one pass fewer
             shift = shift - mean * x_scale
