@@ -13,12 +13,15 @@ threading layer must not be entered from two Python threads at once, and still b
 ``NumpyKernel`` on two threads: 4.3 against 7.3 copies for a training step at
 (32, 56, 56, 64).
 
-Numba is imported, and the passes compiled (cached on disk), on first use.
+Numba is imported, and the passes compiled (cached on disk), on first use; a Numba that
+does not import (say, one older than the installed NumPy) leaves ``NumpyKernel`` in
+charge, with a warning.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from functools import cache
 from types import SimpleNamespace
 from typing import Any
@@ -227,5 +230,18 @@ class NumbaKernel(NumpyKernel):
         return dx.reshape(view.shape)
 
 
+@cache
+def _numba_usable() -> bool:
+    """Whether Numba imports here: checked on the first NumPy call rather than at import,
+    which it would slow by about 0.3 s."""
+    try:
+        import numba  # noqa: F401
+    except ImportError as error:  # e.g. a Numba older than the installed NumPy
+        warnings.warn(f"Numba is installed but does not import ({error}); NumPy arrays "
+                      f"use portable_brn's ufunc kernel instead", RuntimeWarning, stacklevel=3)
+        return False
+    return True
+
+
 if importlib.util.find_spec("numba") is not None:
-    register_kernel(is_numpy, NumbaKernel())
+    register_kernel(lambda xp: is_numpy(xp) and _numba_usable(), NumbaKernel())

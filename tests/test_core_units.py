@@ -4,6 +4,7 @@ deferred update, warm-up, low precision, the NumPy kernels and the array layer."
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import numpy as np
 import pytest
@@ -202,6 +203,18 @@ def test_numba_kernel_serves_numpy_when_installed() -> None:
     with kernel_forced(is_numpy, NumpyKernel()):
         assert type(kernel_for(xp)) is NumpyKernel
     assert isinstance(kernel_for(xp), NumbaKernel)
+
+
+def test_numpy_keeps_the_ufunc_kernel_when_numba_does_not_import(monkeypatch) -> None:
+    pytest.importorskip("numba", reason="the Numba kernel needs portable-brn[numba]")
+    from portable_brn import numba_kernel
+    monkeypatch.setitem(sys.modules, "numba", None)  # importing it now raises ImportError
+    numba_kernel._numba_usable.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="Numba is installed but does not import"):
+            assert type(kernel_for(np)) is NumpyKernel
+    finally:
+        numba_kernel._numba_usable.cache_clear()
 
 
 @pytest.mark.parametrize("kernel_name", ["NumpyKernel", "NumbaKernel"])
