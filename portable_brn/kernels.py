@@ -105,7 +105,8 @@ def kernel_for(xp: Any, replica_mean: ReplicaMean | None = None) -> Kernel:
 @contextmanager
 def fast_kernels_disabled() -> Iterator[None]:
     """Within the block every namespace uses the generic kernel (to compare or time the
-    reference path against the fast ones)."""
+    reference path against the fast ones).  Process-wide, not per thread: for tests and
+    benchmarks, not for concurrent use."""
     saved = list(_REGISTRY)
     _REGISTRY.clear()
     try:
@@ -117,7 +118,8 @@ def fast_kernels_disabled() -> Iterator[None]:
 @contextmanager
 def kernel_forced(matches: Callable[[Any], bool], kernel: Kernel) -> Iterator[None]:
     """Within the block ``kernel`` serves every namespace ``xp`` with ``matches(xp)``
-    (to time or test one kernel where a faster one is registered)."""
+    (to time or test one kernel where a faster one is registered).  Process-wide, not
+    per thread: for tests and benchmarks, not for concurrent use."""
     entry = (matches, kernel)
     _REGISTRY.insert(0, entry)
     try:

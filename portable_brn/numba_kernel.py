@@ -5,13 +5,13 @@ the gradient sums and ``dx``, where ``NumpyKernel``'s ufuncs need one to four pa
 For arrays that fit in cache (an MLP's ``(1024, 512)``) every pass costs about a copy.
 
 It serves float32/float64 ndarrays whose feature axes are adjacent (``(N, C)`` rows,
-channels-last, NCHW); anything else goes to ``NumpyKernel``.  Sums add ``_BLOCK_ROWS``
-rows at a time in the input's dtype and the blocks in float64 (``NumpyKernel``'s BLAS
-sums run float32 over up to 4,096 rows); the moments take a second pass centered on the
-mean in the same cases as ``NumpyKernel``.  The passes are serial, since Numba's default
-threading layer must not be entered from two Python threads at once, and still beat
-``NumpyKernel`` on two threads: 4.3 against 7.3 copies for a training step at
-(32, 56, 56, 64).
+channels-last, NCHW); ``NumpyKernel``'s checks, which it keeps, send anything else to
+the generic kernel.  Sums add ``_BLOCK_ROWS`` rows at a time in the input's dtype and
+the blocks in float64 (``NumpyKernel``'s BLAS sums run float32 over up to 4,096 rows);
+the moments take a second pass centered on the mean in the same cases as
+``NumpyKernel``.  The passes are serial, since Numba's default threading layer must not
+be entered from two Python threads at once, and still beat ``NumpyKernel`` on two
+threads: 4.3 against 7.3 copies for a training step at (32, 56, 56, 64).
 
 Numba is imported, and the passes compiled (cached on disk), on first use; a Numba that
 does not import (say, one older than the installed NumPy) leaves ``NumpyKernel`` in
@@ -40,61 +40,53 @@ _BLOCK_ROWS = 64  # rows summed in the input's dtype before going to float64
 def _passes() -> SimpleNamespace:
     """The compiled passes, ``rows`` over ``(groups, rows, features)`` arrays and ``cols``
     over ``(groups, rows, features, cols)`` ones, with per-feature arrays
-    ``(groups, features)`` (compiled on first call, one version per dtype)."""
+    ``(groups, features)``.  Compiled on first call, one version per dtype and
+    writability of the arguments, and cached on disk (no closure over anything but
+    constants, which Numba's cache needs)."""
     from numba import njit
 
     jit = njit(cache=True, nogil=True)
 
-    def pair_sums(terms):
-        """A compiled ``(a, b, center) -> (sum(first), sum(second))`` per feature in
-        float64, where ``first, second = terms(a, b, center)`` elementwise.  Four rows at
-        a time, so the block totals are read and written once per four elements."""
-
-        @jit
-        def sums(a, b, center):
-            groups, rows, features = a.shape
-            total, total_second = np.zeros((groups, features)), np.zeros((groups, features))
-            block, block_second = np.empty(features, a.dtype), np.empty(features, a.dtype)
-            for g in range(groups):
-                c = center[g]
-                for start in range(0, rows, _BLOCK_ROWS):
-                    stop = min(start + _BLOCK_ROWS, rows)
-                    block[:] = 0
-                    block_second[:] = 0
-                    r = start
-                    while r + 4 <= stop:  # then the last rows one by one
-                        a0, a1, a2, a3 = a[g, r], a[g, r + 1], a[g, r + 2], a[g, r + 3]
-                        b0, b1, b2, b3 = b[g, r], b[g, r + 1], b[g, r + 2], b[g, r + 3]
-                        for f in range(features):
-                            u0, v0 = terms(a0[f], b0[f], c[f])
-                            u1, v1 = terms(a1[f], b1[f], c[f])
-                            u2, v2 = terms(a2[f], b2[f], c[f])
-                            u3, v3 = terms(a3[f], b3[f], c[f])
-                            block[f] += (u0 + u1) + (u2 + u3)
-                            block_second[f] += (v0 + v1) + (v2 + v3)
-                        r += 4
-                    for rest in range(r, stop):
-                        for f in range(features):
-                            u, v = terms(a[g, rest, f], b[g, rest, f], c[f])
-                            block[f] += u
-                            block_second[f] += v
-                    total[g] += block
-                    total_second[g] += block_second
-            return total, total_second
-
-        return sums
+    @jit
+    def rows_sums(a, b, first_center, center, squares):
+        """Per-feature float64 ``sum(u)`` and ``sum(u * (b - center))`` with
+        ``u = a - first_center``: with ``squares`` the moments (``a = b = x``, both centers
+        the same, and ``u * u`` taken for the products), else the gradient sums
+        (``a = grad``, ``b = x``, ``first_center`` 0).  Four rows at a time, so the block
+        totals are read and written once per four elements."""
+        groups, rows, features = a.shape
+        total, total_second = np.zeros((groups, features)), np.zeros((groups, features))
+        block, block_second = np.empty(features, a.dtype), np.empty(features, a.dtype)
+        for g in range(groups):
+            c1, c = first_center[g], center[g]
+            for start in range(0, rows, _BLOCK_ROWS):
+                stop = min(start + _BLOCK_ROWS, rows)
+                block[:] = 0
+                block_second[:] = 0
+                r = start
+                while r + 4 <= stop:  # then the last rows one by one
+                    a0, a1, a2, a3 = a[g, r], a[g, r + 1], a[g, r + 2], a[g, r + 3]
+                    b0, b1, b2, b3 = b[g, r], b[g, r + 1], b[g, r + 2], b[g, r + 3]
+                    for f in range(features):
+                        u0, u1, u2, u3 = a0[f] - c1[f], a1[f] - c1[f], a2[f] - c1[f], a3[f] - c1[f]
+                        block[f] += (u0 + u1) + (u2 + u3)
+                        if squares:
+                            block_second[f] += (u0 * u0 + u1 * u1) + (u2 * u2 + u3 * u3)
+                        else:
+                            block_second[f] += ((u0 * (b0[f] - c[f]) + u1 * (b1[f] - c[f]))
+                                                + (u2 * (b2[f] - c[f]) + u3 * (b3[f] - c[f])))
+                    r += 4
+                for rest in range(r, stop):
+                    for f in range(features):
+                        u = a[g, rest, f] - c1[f]
+                        block[f] += u
+                        block_second[f] += u * u if squares else u * (b[g, rest, f] - c[f])
+                total[g] += block
+                total_second[g] += block_second
+        return total, total_second
 
     @jit
-    def moment_terms(x, _, center):
-        centered = x - center
-        return centered, centered * centered
-
-    @jit
-    def grad_terms(grad, x, mean):
-        return grad, grad * (x - mean)
-
-    @jit
-    def affine(x, scale, shift, out):
+    def rows_affine(x, scale, shift, out):
         """``out = x * scale + shift``."""
         groups, rows, features = x.shape
         for g in range(groups):
@@ -105,7 +97,7 @@ def _passes() -> SimpleNamespace:
                     out_row[f] = x_row[f] * a[f] + b[f]
 
     @jit
-    def grad_input(grad, x, mean, scale, x_scale, shift, out):
+    def rows_grad_input(grad, x, mean, scale, x_scale, shift, out):
         """``out = grad * scale + (x - mean) * x_scale + shift``."""
         groups, rows, features = x.shape
         for g in range(groups):
@@ -115,33 +107,29 @@ def _passes() -> SimpleNamespace:
                 for f in range(features):
                     out_row[f] = g_row[f] * a[f] + (x_row[f] - m[f]) * b[f] + c[f]
 
-    def cols_sums(terms):
-        """``pair_sums`` for ``(groups, rows, features, cols)`` arrays whose features are
-        not innermost: each feature's rows of ``cols`` values summed lane by lane."""
-
-        @jit
-        def sums(a, b, center):
-            groups, rows, features, cols = a.shape
-            total, total_second = np.zeros((groups, features)), np.zeros((groups, features))
-            lane, lane_second = np.empty(cols, a.dtype), np.empty(cols, a.dtype)
-            for g in range(groups):
-                for f in range(features):
-                    c = center[g, f]
-                    for start in range(0, rows, _BLOCK_ROWS):
-                        lane[:] = 0
-                        lane_second[:] = 0
-                        for r in range(start, min(start + _BLOCK_ROWS, rows)):
-                            a_row, b_row = a[g, r, f], b[g, r, f]
-                            for k in range(cols):
-                                u, v = terms(a_row[k], b_row[k], c)
-                                lane[k] += u
-                                lane_second[k] += v
+    @jit
+    def cols_sums(a, b, first_center, center, squares):
+        """``rows_sums`` for ``(groups, rows, features, cols)`` arrays: each feature's rows
+        of ``cols`` values summed lane by lane."""
+        groups, rows, features, cols = a.shape
+        total, total_second = np.zeros((groups, features)), np.zeros((groups, features))
+        lane, lane_second = np.empty(cols, a.dtype), np.empty(cols, a.dtype)
+        for g in range(groups):
+            for f in range(features):
+                c1, c = first_center[g, f], center[g, f]
+                for start in range(0, rows, _BLOCK_ROWS):
+                    lane[:] = 0
+                    lane_second[:] = 0
+                    for r in range(start, min(start + _BLOCK_ROWS, rows)):
+                        a_row, b_row = a[g, r, f], b[g, r, f]
                         for k in range(cols):
-                            total[g, f] += lane[k]
-                            total_second[g, f] += lane_second[k]
-            return total, total_second
-
-        return sums
+                            u = a_row[k] - c1
+                            lane[k] += u
+                            lane_second[k] += u * u if squares else u * (b_row[k] - c)
+                    for k in range(cols):
+                        total[g, f] += lane[k]
+                        total_second[g, f] += lane_second[k]
+        return total, total_second
 
     @jit
     def cols_affine(x, scale, shift, out):
@@ -166,11 +154,9 @@ def _passes() -> SimpleNamespace:
                     for k in range(cols):
                         out_row[k] = g_row[k] * a + (x_row[k] - m) * b + c
 
-    rows = SimpleNamespace(moment_sums=pair_sums(moment_terms), grad_sums=pair_sums(grad_terms),
-                           affine=affine, grad_input=grad_input)
-    cols = SimpleNamespace(moment_sums=cols_sums(moment_terms), grad_sums=cols_sums(grad_terms),
-                           affine=cols_affine, grad_input=cols_grad_input)
-    return SimpleNamespace(rows=rows, cols=cols)
+    return SimpleNamespace(
+        rows=SimpleNamespace(sums=rows_sums, affine=rows_affine, grad_input=rows_grad_input),
+        cols=SimpleNamespace(sums=cols_sums, affine=cols_affine, grad_input=cols_grad_input))
 
 
 class NumbaKernel(NumpyKernel):
@@ -191,19 +177,21 @@ class NumbaKernel(NumpyKernel):
     @staticmethod
     def _per_feature(canon: _Canonical, a: np.ndarray) -> np.ndarray:
         """A per-feature (or per-group) array as C-contiguous ``(groups, features)``."""
-        groups, _, features, _ = canon.shape
-        rows = a.reshape(-1, features)
-        if rows.shape[0] != groups:  # one row for every group
-            rows = np.broadcast_to(rows, (groups, features))
-        return np.ascontiguousarray(rows)
+        return np.ascontiguousarray(canon.stat_rows(a))
+
+    @staticmethod
+    def _zeros(canon: _Canonical, dtype: Any) -> np.ndarray:
+        """A per-feature array of zeros (no centering)."""
+        return np.zeros((canon.shape[0], canon.shape[2]), dtype)
 
     def _moments_on(self, canon: _Canonical, view: np.ndarray) -> tuple[Any, Any]:
-        x, moment_sums = self._full(canon, view), self._passes(canon).moment_sums
-        no_center = np.zeros((canon.shape[0], canon.shape[2]), view.dtype)
-        return moments_from_sums(
-            lambda center: moment_sums(x, x, no_center if center is None
-                                       else self._per_feature(canon, center)),
-            canon.layout, view.dtype)
+        x, sums = self._full(canon, view), self._passes(canon).sums
+
+        def centered_sums(center: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+            c = self._zeros(canon, view.dtype) if center is None else self._per_feature(
+                canon, center)
+            return sums(x, x, c, c, True)
+        return moments_from_sums(centered_sums, canon.layout, view.dtype)
 
     def _affine_on(self, canon: _Canonical, view: np.ndarray, scale: np.ndarray,
                    shift: np.ndarray) -> np.ndarray:
@@ -215,8 +203,9 @@ class NumbaKernel(NumpyKernel):
 
     def _grad_sums_on(self, canon: _Canonical, grad: np.ndarray, view: np.ndarray,
                       mean: np.ndarray, inv_std: np.ndarray) -> tuple[Any, Any]:
-        sums = self._passes(canon).grad_sums(self._full(canon, grad), self._full(canon, view),
-                                             self._per_feature(canon, mean))
+        sums = self._passes(canon).sums(self._full(canon, grad), self._full(canon, view),
+                                        self._zeros(canon, view.dtype),
+                                        self._per_feature(canon, mean), False)
         return as_stats(canon.layout, view.dtype, *sums)
 
     def _grad_input_on(self, canon: _Canonical, grad: np.ndarray, view: np.ndarray,
@@ -231,17 +220,39 @@ class NumbaKernel(NumpyKernel):
 
 
 @cache
-def _numba_usable() -> bool:
-    """Whether Numba imports here: checked on the first NumPy call rather than at import,
-    which it would slow by about 0.3 s."""
+def _numba_import_error() -> str | None:
+    """Why Numba does not import here, or None when it does.  Tried on the first NumPy
+    call rather than at import, which it would slow by about 0.3 s."""
     try:
         import numba  # noqa: F401
-    except ImportError as error:  # e.g. a Numba older than the installed NumPy
-        warnings.warn(f"Numba is installed but does not import ({error}); NumPy arrays "
-                      f"use portable_brn's ufunc kernel instead", RuntimeWarning, stacklevel=3)
+    except (ImportError, OSError) as error:  # e.g. too old for NumPy; a broken llvmlite
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def _numba_serves(xp: Any) -> bool:
+    """Whether this kernel serves ``xp``: NumPy, with a Numba that imports (warned once
+    when it does not, after which ``NumpyKernel`` serves NumPy)."""
+    if not is_numpy(xp):
         return False
-    return True
+    error = _numba_import_error()
+    if error is not None and error not in _WARNED:
+        _WARNED.add(error)
+        warnings.warn(f"Numba is installed but does not import ({error}); NumPy arrays use "
+                      f"portable_brn's ufunc kernel instead", RuntimeWarning, stacklevel=3)
+    return error is None
 
 
-if importlib.util.find_spec("numba") is not None:
-    register_kernel(lambda xp: is_numpy(xp) and _numba_usable(), NumbaKernel())
+_WARNED: set[str] = set()
+
+
+def _numba_installed() -> bool:
+    """Whether a Numba is installed (without importing it)."""
+    try:
+        return importlib.util.find_spec("numba") is not None
+    except ValueError:  # a stand-in module without a spec: let the import decide
+        return True
+
+
+if _numba_installed():
+    register_kernel(_numba_serves, NumbaKernel())

@@ -133,11 +133,14 @@ def moments_from_sums(sums: Callable[[np.ndarray | None], Any], layout: Layout,
                       dtype: Any) -> tuple[np.ndarray, ...]:
     """Mean and biased variance from ``sums(center)``, the per-feature float64 sums of
     ``x - center`` and of its squares (``center`` None: of ``x``).  One pass, and a second
-    centered on the mean where the first lost digits (some feature's ``|mean| > std``)."""
-    total, squares = sums(None)
-    mean = total / layout.count
-    var = squares / layout.count - mean * mean
-    if np.any(mean * mean > var):
+    centered on the mean where the first lost digits (some feature's ``|mean| > std``) or
+    its squares overflowed though the mean is finite."""
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is caught below
+        total, squares = sums(None)
+        mean = total / layout.count
+        var = squares / layout.count - mean * mean
+        kept = (mean * mean <= var) & (var < np.inf)  # no cancellation, no overflow
+    if not kept.all():  # (also for a non-finite batch: no harm, it stays non-finite)
         center = mean.astype(dtype)
         offset, squares = sums(center)
         offset = offset / layout.count
@@ -174,16 +177,24 @@ class _Canonical:
         """A full-size array of the call viewed as ``(groups, rows, features, cols)``."""
         return np.reshape(a, self.shape)
 
+    def stat_rows(self, a: np.ndarray) -> np.ndarray:
+        """A per-group-and-feature array (any shape of ``groups * F`` values) as
+        ``(groups, F)``; a smaller one that broadcasts against the layout's statistics (per
+        feature, say, or per group) is broadcast first."""
+        features = self.shape[2] // self.fold
+        if a.size != self.shape[0] * features:
+            a = np.broadcast_to(a, self.layout.stat_shape)
+        return a.reshape(-1, features)
+
     def per_feature(self, a: np.ndarray) -> np.ndarray:
         """A per-feature (or per-group-and-feature) array as ``(groups or 1, 1, F, 1)``,
         repeated ``fold`` times along F."""
-        features = self.shape[2] // self.fold
-        rows = a.size // features
+        rows = self.stat_rows(a)
         if self.fold == 1:
-            return np.reshape(a, (rows, 1, features, 1))
-        repeated = np.empty((rows, self.fold, features), a.dtype)  # np.tile, without its
-        repeated[...] = np.reshape(a, (rows, 1, features))        # Python-level overhead
-        return np.reshape(repeated, (rows, 1, self.fold * features, 1))
+            return rows.reshape(rows.shape[0], 1, -1, 1)
+        repeated = np.empty((rows.shape[0], self.fold, rows.shape[1]), a.dtype)  # np.tile,
+        repeated[...] = rows[:, None, :]                      # without its Python overhead
+        return repeated.reshape(rows.shape[0], 1, -1, 1)
 
     def _scratch_blocks(self, share: tuple[Task, ...], like: np.ndarray,
                         ) -> Iterator[tuple[Task, np.ndarray]]:
@@ -229,10 +240,11 @@ class NumpyKernel(GenericKernel):
 
     @staticmethod
     def _canonical(layout: Layout, *arrays: Any) -> _Canonical | None:
-        """The canonical view when every array is a float32/float64 ndarray of one dtype
-        and the feature axes are adjacent; else None (use the generic kernel)."""
+        """The canonical view when every array is a float32/float64 ndarray of one dtype,
+        the first is not empty and the feature axes are adjacent; else None (use the
+        generic kernel)."""
         dtype = arrays[0].dtype
-        if dtype not in (np.float32, np.float64) or not all(
+        if dtype not in (np.float32, np.float64) or arrays[0].size == 0 or not all(
                 isinstance(a, np.ndarray) and a.dtype == dtype for a in arrays):
             return None
         shape = _canonical_shape(layout)
@@ -337,8 +349,8 @@ class NumpyKernel(GenericKernel):
 
 
 def is_numpy(xp: Any) -> bool:
-    """Whether ``xp`` is a NumPy namespace (NumPy itself or array-api-compat's wrapper)."""
-    return xp.__name__.endswith("numpy")
+    """Whether ``xp`` is NumPy itself or array-api-compat's wrapper of it."""
+    return xp.__name__ in ("numpy", "array_api_compat.numpy")
 
 
 register_kernel(is_numpy, NumpyKernel())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -209,12 +210,16 @@ def test_numpy_keeps_the_ufunc_kernel_when_numba_does_not_import(monkeypatch) ->
     pytest.importorskip("numba", reason="the Numba kernel needs portable-brn[numba]")
     from portable_brn import numba_kernel
     monkeypatch.setitem(sys.modules, "numba", None)  # importing it now raises ImportError
-    numba_kernel._numba_usable.cache_clear()
+    numba_kernel._numba_import_error.cache_clear()
+    monkeypatch.setattr(numba_kernel, "_WARNED", set())
     try:
         with pytest.warns(RuntimeWarning, match="Numba is installed but does not import"):
             assert type(kernel_for(np)) is NumpyKernel
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # warned once: the next call just falls back
+            assert type(kernel_for(np)) is NumpyKernel
     finally:
-        numba_kernel._numba_usable.cache_clear()
+        numba_kernel._numba_import_error.cache_clear()
 
 
 @pytest.mark.parametrize("kernel_name", ["NumpyKernel", "NumbaKernel"])
@@ -232,6 +237,42 @@ def test_numpy_kernel_stays_exact_for_large_means(kernel_name, shape) -> None:
     expected = ref.train_step(x, state.mean, state.std, 0, dy=dy)
     assert rel_err(y, expected["y"]) < 1e-4 and rel_err(dx, expected["dx"]) < 1e-4
     assert rel_err(new.std, expected["std"]) < 1e-5
+
+
+@pytest.mark.parametrize("kernel_name", ["NumpyKernel", "NumbaKernel"])
+def test_numpy_kernel_recenters_when_squares_overflow(kernel_name) -> None:
+    """x * x overflows float32 here though the batch and its spread are finite: the
+    kernel must still give the finite statistics, not a batch the guard would skip."""
+    rng = np.random.default_rng(9)
+    x = (2e19 + 1e17 * rng.standard_normal((64, 4))).astype(np.float32)
+    state = pb.init_state(4, xp=np, dtype=np.float32)
+    with kernel_forced(is_numpy, _numpy_kernel(kernel_name)):
+        y, new, _ = pb.forward_train(x, state, None, None, pb.RenormConfig())
+    expected = ref.train_step(x, state.mean, state.std, 0)
+    for actual, key in ((y, "y"), (new.mean, "mean"), (new.std, "std")):
+        assert rel_err(actual, expected[key]) < 1e-5, key
+
+
+@pytest.mark.parametrize("kernel_name", ["NumpyKernel", "NumbaKernel"])
+def test_numpy_kernel_broadcasts_per_group_arrays(kernel_name) -> None:
+    """Per-feature arguments may have any shape that broadcasts against the statistics:
+    here one value per micro-batch, and one for everything."""
+    import array_api_compat.numpy as xp
+    layout = make_layout((12, 3, 5), 1, 4)  # 3 groups of 4 rows, 3 features
+    view = np.random.default_rng(10).standard_normal(layout.view_shape)
+    for scale in (np.arange(1.0, 4.0).reshape(3, 1, 1, 1), np.full((1, 1, 1, 1), 2.0)):
+        args = (xp, view, scale, scale + 1.0, view.dtype, layout)
+        assert rel_err(_numpy_kernel(kernel_name).affine(*args),
+                       GenericKernel().affine(*args)) < 1e-15
+
+
+@pytest.mark.parametrize("kernel_name", ["NumpyKernel", "NumbaKernel"])
+@pytest.mark.parametrize("shape", [(0, 4), (0, 4, 3, 3), (2, 4, 0)])
+def test_numpy_kernel_infers_on_empty_inputs(kernel_name, shape) -> None:
+    state = pb.init_state(4, xp=np, dtype=np.float32)
+    with kernel_forced(is_numpy, _numpy_kernel(kernel_name)):
+        y = pb.forward_infer(np.ones(shape, np.float32), state, None, None, pb.RenormConfig())
+    assert y.shape == shape and y.dtype == np.float32
 
 
 def test_non_contiguous_input() -> None:
