@@ -230,6 +230,9 @@ def _numba_import_error() -> str | None:
     return None
 
 
+_WARNED: set[str] = set()  # import errors already warned about
+
+
 def _numba_serves(xp: Any) -> bool:
     """Whether this kernel serves ``xp``: NumPy, with a Numba that imports (warned once
     when it does not, after which ``NumpyKernel`` serves NumPy)."""
@@ -241,9 +244,6 @@ def _numba_serves(xp: Any) -> bool:
         warnings.warn(f"Numba is installed but does not import ({error}); NumPy arrays use "
                       f"portable_brn's ufunc kernel instead", RuntimeWarning, stacklevel=3)
     return error is None
-
-
-_WARNED: set[str] = set()
 
 
 def _numba_installed() -> bool:
