@@ -12,7 +12,8 @@ One-pass sums (``E[x^2] - E[x]^2``, ``sum(g x) - mean sum(g)``) lose digits when
 feature's ``|mean|`` exceeds its std; those calls take a second pass over blocks centered
 on the mean in cache, which is exact to rounding whatever the offset.
 
-16-bit floats, feature axes that are not adjacent, and replicas go to the generic kernel.
+16-bit floats, empty arrays, feature axes that are not adjacent, and replicas go to the
+generic kernel.
 """
 
 from __future__ import annotations
