@@ -34,9 +34,11 @@ def test_wheel_holds_adapters_and_conformance_inside_the_package(tmp_path) -> No
     names = _wheel_names(tmp_path)
     tops = {name.split("/")[0] for name in names}
     assert "adapters" not in tops and "conformance" not in tops
-    adapters = {f"portable_brn/adapters/{f.name}" for f in (ROOT / "adapters").glob("*.py")}
-    assert {f"portable_brn/adapters/{m}.py" for m in ("array", "flax", "jax", "nnx", "torch")
-            } <= adapters
+    adapters = {f"portable_brn/adapters/{f.relative_to(ROOT / 'adapters').as_posix()}"
+                for f in (ROOT / "adapters").rglob("*.py")}
+    assert {f"portable_brn/adapters/{m}.py" for m in (
+        "array", "flax", "jax", "nnx", "torch/__init__", "torch/functional", "torch/modules",
+        "torch/convert", "torch/recalibration")} <= adapters
     conformance = {f"portable_brn/conformance/{f.name}"
                    for f in (ROOT / "conformance").glob("golden.*")
                    if f.suffix in (".npz", ".json")}

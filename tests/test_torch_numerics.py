@@ -13,7 +13,7 @@ from test_torch_support import BOUND, check_training, is_close, random_affine  #
 
 from portable_brn import schedules  # noqa: E402
 from portable_brn.adapters.torch import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d  # noqa: E402
-from portable_brn.adapters.torch_autograd import _core_train, _native_train  # noqa: E402
+from portable_brn.adapters.torch.functional import _core_train, _native_train  # noqa: E402
 from portable_brn.state import RenormState  # noqa: E402
 
 STEPS = 50

@@ -18,7 +18,7 @@ from portable_brn.config import RenormConfig
 from portable_brn.schedules import ScheduleLike
 from portable_brn.state import RenormState
 
-from .torch_autograd import ReplicaMean, batch_norm_step, infer_step, train_step
+from .functional import ReplicaMean, batch_norm_step, infer_step, train_step
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "SyncBatchRenorm"]
 

@@ -21,14 +21,15 @@ native batch-norm kernels, held to the core by the tests.
 
 from __future__ import annotations
 
-from .torch_convert import convert_batchnorm, convert_sync_batchrenorm, recalibrate
-from .torch_modules import (
+from .convert import convert_batchnorm, convert_sync_batchrenorm
+from .modules import (
     BatchRenorm1d,
     BatchRenorm2d,
     BatchRenorm3d,
     SyncBatchRenorm,
     _BatchRenorm,
 )
+from .recalibration import recalibrate
 
 __all__ = [
     "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "SyncBatchRenorm", "_BatchRenorm",
