@@ -15,20 +15,14 @@ import numpy as np
 from array_api_compat import device
 
 from portable_brn.config import RenormConfig
+from portable_brn.host import to_host
 from portable_brn.inputs import namespace_of
 from portable_brn.renorm import Residuals, backward, forward_infer, forward_train
-from portable_brn.state import RenormState, init_state
+from portable_brn.state import RenormState, init_params, init_state
 
 __all__ = ["BatchRenorm"]
 
 _STATE_KEYS = ("running_mean", "running_std", "num_batches_tracked")
-
-
-def _to_numpy(array: Any) -> np.ndarray:
-    """A host NumPy copy of an array of any library (via DLPack where needed)."""
-    if hasattr(array, "get"):  # CuPy: device to host
-        return array.get()
-    return np.array(np.from_dlpack(array), copy=True)
 
 
 class BatchRenorm:
@@ -58,11 +52,8 @@ class BatchRenorm:
 
     def _fresh(self, xp: Any, dev: Any) -> tuple[RenormState, Any, Any]:
         """New state and parameters (None without ``affine``) in ``xp`` on ``dev``."""
-        dtype = xp.float32 if self._dtype is None else self._dtype
-        state = init_state(self.num_features, xp=xp, dtype=dtype, device=dev)
-        if not self.affine:
-            return state, None, None
-        return state, xp.ones_like(state.mean), xp.zeros_like(state.mean)
+        state = init_state(self.num_features, xp=xp, dtype=self._dtype, device=dev)
+        return (state, *init_params(state)) if self.affine else (state, None, None)
 
     def _bound_to(self, x: Any) -> tuple[RenormState, Any, Any]:
         """The layer's state and parameters; before the first call, fresh ones in the
@@ -123,7 +114,7 @@ class BatchRenorm:
         arrays = dict(zip(_STATE_KEYS, self.state, strict=True))
         if self.affine:
             arrays.update(weight=self.weight, bias=self.bias)
-        return {name: _to_numpy(a) for name, a in arrays.items()}
+        return {name: to_host(a) for name, a in arrays.items()}
 
     def load_state_dict(self, arrays: Mapping[str, Any]) -> None:
         """Load what ``state_dict`` gave (a dict or an ``np.load`` of a ``.npz``); all or

@@ -20,7 +20,6 @@ Inf and the state was kept) are sown as ``finite`` into the ``intermediates`` co
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Hashable
 from typing import Any
 
@@ -30,6 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from portable_brn.config import RenormConfig
+from portable_brn.conventions import RENORM_OPTIONS, config_from_flax
 from portable_brn.inputs import check_floating
 from portable_brn.layout import make_layout
 from portable_brn.schedules import ScheduleLike
@@ -41,21 +41,6 @@ __all__ = ["BatchRenorm", "NnxBatchRenorm"]
 
 Initializer = Any
 Dtype = Any
-
-
-def _renorm_config(axis: int | tuple[int, ...], momentum: float, epsilon: float,
-                  r_max: ScheduleLike, d_max: ScheduleLike, r_min: ScheduleLike | None,
-                  warmup_steps: int, micro_batch: int | None,
-                  output_clip: tuple[float, float] | None) -> RenormConfig:
-    """The core's configuration from Flax's arguments; ``momentum`` is Flax's decay."""
-    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
-        raise TypeError(f"momentum must be a real number, got {momentum!r}")
-    if not 0.0 <= momentum < 1.0:
-        raise ValueError(f"momentum is the decay of the old statistics (Flax convention) and "
-                         f"must be in [0, 1), got {momentum!r}")
-    return RenormConfig(feature_axis=axis, eps=epsilon, momentum=1.0 - momentum, r_max=r_max,
-                        d_max=d_max, r_min=r_min, warmup_steps=warmup_steps,
-                        micro_batch=micro_batch, output_clip=output_clip)
 
 
 def _normalize(x: jax.Array, state: RenormState, scale: jax.Array | None,
@@ -83,9 +68,11 @@ def _keep_latest(_previous: Any, latest: Any) -> Any:
     return latest
 
 
-def _fresh_state(feature_shape: tuple[int, ...], param_dtype: Dtype) -> RenormState:
-    """Mean 0, std 1, step 0; statistics in ``param_dtype`` but never below float32."""
-    return init_state(feature_shape, xp=jnp, dtype=jnp.promote_types(param_dtype, jnp.float32))
+def _config_of(layer: Any) -> RenormConfig:
+    """The core's configuration from a Flax layer's attributes (``axis``, ``momentum``,
+    ``epsilon`` and the renormalization options)."""
+    return config_from_flax(axis=layer.axis, momentum=layer.momentum, epsilon=layer.epsilon,
+                            **{name: getattr(layer, name) for name in RENORM_OPTIONS})
 
 
 class BatchRenorm(nn.Module):
@@ -124,10 +111,9 @@ class BatchRenorm(nn.Module):
         super().__post_init__()
 
     def config(self) -> RenormConfig:
-        """The core's configuration for this layer."""
-        return _renorm_config(self.axis, self.momentum, self.epsilon, self.r_max, self.d_max,
-                              self.r_min, self.warmup_steps, self.micro_batch,
-                              self.output_clip)
+        """The core's configuration for this layer (``momentum`` there is the paper's
+        alpha, ``1 - self.momentum``)."""
+        return _config_of(self)
 
     @nn.compact
     def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
@@ -136,7 +122,7 @@ class BatchRenorm(nn.Module):
                                              use_running_average)
         config = self.config()
         shape = make_layout(x.shape, self.axis, training=False).feature_shape
-        fresh = _fresh_state(shape, self.param_dtype)
+        fresh = init_state(shape, xp=jnp, dtype=self.param_dtype)
         mean = self.variable("batch_stats", "mean", lambda: fresh.mean)
         std = self.variable("batch_stats", "std", lambda: fresh.std)
         step = self.variable("batch_stats", "step", lambda: fresh.step)
@@ -176,10 +162,13 @@ class NnxBatchRenorm(nnx.Module):
                  micro_batch: int | None = None,
                  output_clip: tuple[float, float] | None = None,
                  use_custom_vjp: bool = True, rngs: nnx.Rngs) -> None:
-        self.config = _renorm_config(axis, momentum, epsilon, r_max, d_max, r_min,
-                                     warmup_steps, micro_batch, output_clip)
+        self.axis, self.momentum, self.epsilon = axis, momentum, epsilon
+        self.r_max, self.d_max, self.r_min = r_max, d_max, r_min
+        self.warmup_steps, self.micro_batch, self.output_clip = (warmup_steps, micro_batch,
+                                                                 output_clip)
+        _config_of(self)  # check the hyperparameters now, not at the first call
         shape = (num_features,)
-        fresh = _fresh_state(shape, param_dtype)
+        fresh = init_state(shape, xp=jnp, dtype=param_dtype)
         self.mean = nnx.BatchStat(fresh.mean)
         self.std = nnx.BatchStat(fresh.std)
         self.step = nnx.BatchStat(fresh.step)
@@ -193,6 +182,13 @@ class NnxBatchRenorm(nnx.Module):
         self.axis_name = axis_name
         self.axis_index_groups = axis_index_groups
         self.use_custom_vjp = use_custom_vjp
+
+    @property
+    def config(self) -> RenormConfig:
+        """The core's configuration from the Flax attributes (``momentum`` there is the
+        paper's alpha, ``1 - self.momentum``); a changed attribute applies from the next
+        call."""
+        return _config_of(self)
 
     def set_view(self, use_running_average: bool | None = None) -> None:
         """Used by ``nnx.view``: switch between training and inference."""

@@ -11,8 +11,8 @@ Gradients come either from the core's backward pass (SPEC section 4) wired in wi
 ``axis_name`` makes the batch statistics those of the global batch over a named axis
 (``shard_map``, ``pmap`` or ``vmap``), so every replica holds the same state.
 
-Importing this module registers ``XlaKernel`` for ``jax.numpy`` arrays in the core's
-kernel registry.
+On ``jax.numpy`` arrays the core runs ``portable_brn.xla_kernel.XlaKernel`` whether or
+not this module was imported.
 """
 
 from __future__ import annotations
@@ -26,13 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from portable_brn.config import RenormConfig
-from portable_brn.kernels import GenericKernel, register_kernel
-from portable_brn.layout import Layout
 from portable_brn.moments import ReplicaMean
 from portable_brn.renorm import Residuals, backward, forward_infer, forward_train
-from portable_brn.state import RenormState, init_state
+from portable_brn.state import RenormState, init_params, init_state
 
-__all__ = ["RenormState", "TrainOutput", "XlaKernel", "as_jax_array", "batch_renorm", "init",
+__all__ = ["RenormState", "TrainOutput", "as_jax_array", "batch_renorm", "init",
            "renorm_infer", "renorm_train"]
 
 
@@ -53,49 +51,12 @@ class _Sync(NamedTuple):
     axis_index_groups: Any
 
 
-class XlaKernel(GenericKernel):
-    """The generic kernel with hints that keep XLA from writing full-size temporaries.
-
-    XLA merges equal expressions and fuses per-feature arithmetic into its consumers,
-    which here backfires: ``x - mean``, needed by the variance, by the backward's sums
-    and by ``dx``, would be merged into one array written out in full instead of being
-    recomputed inside each pass, and a per-feature scale would be broadcast to the
-    input's size and read back.  An ``optimization_barrier`` around each pass's small
-    per-feature operands (a different tuple in each pass, so XLA cannot merge them)
-    prevents both; the arithmetic is the generic kernel's.  Measured in
-    ``benchmarks/bench_jax.py``: a training step 1.3-1.5x faster on CPU.  XLA's
-    reductions are tree-shaped, accurate in float32, and float64 may be disabled, so
-    sums stay in the input's dtype.
-    """
-
-    wide_sums = False
-
-    def affine(self, xp: Any, view: Any, scale: Any, shift: Any, dtype: Any,
-               layout: Layout) -> Any:
-        scale, shift = jax.lax.optimization_barrier((scale, shift))
-        return super().affine(xp, view, scale, shift, dtype, layout)
-
-    def grad_sums(self, xp: Any, grad: Any, view: Any, mean: Any, inv_std: Any,
-                  layout: Layout) -> tuple[Any, Any]:
-        mean, inv_std = jax.lax.optimization_barrier((mean, inv_std))
-        return super().grad_sums(xp, grad, view, mean, inv_std, layout)
-
-    def grad_input(self, xp: Any, grad: Any, view: Any, mean: Any, inv_std: Any, scale: Any,
-                   x_scale: Any, shift: Any, dtype: Any, layout: Layout) -> Any:
-        mean, scale, x_scale, shift = jax.lax.optimization_barrier((mean, scale, x_scale, shift))
-        return super().grad_input(xp, grad, view, mean, inv_std, scale, x_scale, shift, dtype,
-                                  layout)
-
-
-register_kernel(lambda xp: xp is jnp, XlaKernel())
-
-
 def init(num_features: int | tuple[int, ...], *, dtype: Any = jnp.float32,
          param_dtype: Any = jnp.float32) -> tuple[RenormState, jax.Array, jax.Array]:
-    """Fresh ``(state, weight, bias)``: mean 0, std 1, step 0, weight 1, bias 0."""
+    """Fresh ``(state, weight, bias)``: mean 0, std 1, step 0, weight 1, bias 0 (the
+    statistics float32 or wider, as ``init_state`` makes them)."""
     state = init_state(num_features, xp=jnp, dtype=dtype)
-    return (state, jnp.ones(state.mean.shape, param_dtype),
-            jnp.zeros(state.mean.shape, param_dtype))
+    return (state, *init_params(state, dtype=param_dtype))
 
 
 def _replica_mean(axis_name: Hashable | None, axis_index_groups: Any = None) -> ReplicaMean:

@@ -69,7 +69,7 @@ def _per_feature(xp: Any, array: Any, layout: Layout, dtype: Any) -> Any:
     if array is None:
         return None
     array = array if array.dtype == dtype else xp.astype(array, dtype)
-    return xp.reshape(array, layout.state_stat_shape)
+    return xp.reshape(array, layout.moving_stat_shape)
 
 
 def _schedule_value(xp: Any, schedule: Any, step: Any) -> Any:
