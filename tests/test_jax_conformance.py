@@ -17,6 +17,7 @@ import pytest
 
 from portable_brn import RenormConfig, RenormState, schedules
 from portable_brn.conformance import reference as ref
+from portable_brn.conventions import flax_options
 
 # A missing framework skips this file with the reason; the imports that need it follow.
 jax = pytest.importorskip("jax")
@@ -75,8 +76,8 @@ class Case:
 
     def module_options(self) -> dict:
         """Keyword arguments of both Flax layers."""
-        return {"axis": self.axis, "momentum": self.decay, "use_scale": self.affine,
-                "use_bias": self.affine, **self.core_options()}
+        return {"use_scale": self.affine, "use_bias": self.affine,
+                **flax_options(self.config())}
 
 
 CASES = {

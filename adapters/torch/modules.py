@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from portable_brn.config import RenormConfig
+from portable_brn.conventions import torch_options
 from portable_brn.schedules import ScheduleLike
 from portable_brn.state import RenormState
 
@@ -188,10 +189,7 @@ class _BatchRenorm(nn.Module):
 
     def _renorm_options(self) -> dict[str, Any]:
         """The constructor keywords that rebuild this layer's configuration."""
-        c = self.config
-        return {"eps": c.eps, "momentum": c.momentum, "r_max": c.r_max, "d_max": c.d_max,
-                "r_min": c.r_min, "warmup_steps": c.warmup_steps,
-                "micro_batch": c.micro_batch, "output_clip": c.output_clip}
+        return torch_options(self.config)
 
 
 class BatchRenorm1d(_BatchRenorm):

@@ -46,7 +46,7 @@ class NetworkSpec:
 class Network(Protocol):
     """A network under training."""
 
-    def train_step(self, x: np.ndarray, y: np.ndarray) -> None:
+    def sgd_step(self, x: np.ndarray, y: np.ndarray) -> None:
         """One optimizer step on a batch (normalization in training mode)."""
 
     def predict(self, x: np.ndarray) -> np.ndarray:
