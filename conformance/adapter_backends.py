@@ -138,8 +138,9 @@ class ArrayLayerBackend(AdapterBackend):
         self.about = f"the array layer (adapters.array) on {base.about}"
 
     def load(self) -> None:
-        if self.base.skip_reason:
-            raise Unavailable(self.base.skip_reason)
+        base = self.base.unavailable
+        if base is not None:
+            raise Unavailable(str(base), missing=base.missing)
         super().load()
 
     def session(self, case: Case, dtype: str) -> Session:
