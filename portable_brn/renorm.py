@@ -226,7 +226,10 @@ def forward_train(x: Any, state: RenormState, weight: Any, bias: Any, config: Re
         low, high = config.output_clip
         z = kernel.affine(xp, view, scale, shift, dtype, layout)
         clip_mask = (z >= low) & (z <= high)
-        clipped_z = xp.clip(z, low, high)
+        # z itself where it is within the bounds, ends included: differentiating the
+        # forward (JAX's autodiff path) then passes the whole gradient at z == bound,
+        # where clip's min/max would pass half of it (SPEC section 4: zero only beyond).
+        clipped_z = xp.where(clip_mask, z, xp.clip(z, low, high))
         y = clipped_z if w is None else clipped_z * w
         y = y if b is None else y + b
         y = xp.astype(y, x.dtype)
