@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from .inputs import as_namespace
+
 __all__ = ["RenormState", "init_state", "zero_step"]
 
 
@@ -24,9 +26,11 @@ def init_state(num_features: int | tuple[int, ...], *, xp: Any,
     """Fresh state: mean 0, std 1, step 0.
 
     ``num_features`` is the size of the feature axis, or a tuple of sizes when the
-    normalization keeps one statistic per element of several axes.  ``dtype`` defaults
-    to float32; the step uses the namespace's default integer dtype.
+    normalization keeps one statistic per element of several axes.  ``xp`` is an Array
+    API namespace or a framework module (``torch`` means ``array_api_compat.torch``).
+    ``dtype`` defaults to float32; the step uses the namespace's default integer dtype.
     """
+    xp = as_namespace(xp)
     shape = (num_features,) if isinstance(num_features, int) else tuple(num_features)
     if not shape or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in shape):
         raise ValueError(f"num_features must be a positive int or a tuple of them, "
@@ -41,5 +45,6 @@ def init_state(num_features: int | tuple[int, ...], *, xp: Any,
 
 def zero_step(xp: Any, device: Any | None = None) -> Any:
     """A step counter at 0 on ``device``, in the namespace's default integer dtype."""
+    xp = as_namespace(xp)
     integral = xp.__array_namespace_info__().default_dtypes(device=device)["integral"]
     return xp.zeros((), dtype=integral, device=device)
