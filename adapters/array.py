@@ -145,7 +145,8 @@ class BatchRenorm:
         self._residuals: Residuals | None = None
         if xp is not None:
             xp = as_namespace(xp)
-            self.state, self.weight, self.bias = self._fresh(xp, device, dtype or xp.float32)
+            dtype = xp.float32 if dtype is None else dtype
+            self.state, self.weight, self.bias = self._fresh(xp, device, dtype)
 
     @property
     def config(self) -> RenormConfig:
@@ -173,7 +174,7 @@ class BatchRenorm:
         if self.state is not None:
             return self.state, self.weight, self.bias
         xp = floating_namespace("x", x)
-        dtype = self._dtype or xp.result_type(x.dtype, xp.float32)
+        dtype = xp.result_type(x.dtype, xp.float32) if self._dtype is None else self._dtype
         return self._fresh(xp, device_of(x), dtype)
 
     def forward(self, x: Any, training: bool = True) -> Any:
