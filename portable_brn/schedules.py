@@ -47,6 +47,9 @@ class Linear:
     end_step: int
 
     def __post_init__(self) -> None:
+        if math.isnan(self.start_value) or math.isnan(self.end_value):
+            raise ValueError(f"Linear schedule values must not be NaN, got start_value="
+                             f"{self.start_value!r}, end_value={self.end_value!r}")
         if not 0 <= self.start_step < self.end_step:
             raise ValueError(
                 "Linear schedule needs 0 <= start_step < end_step, got "
