@@ -21,6 +21,8 @@ Conventions decided here (SPEC.md leaves them open):
 - A ``"linear"`` schedule whose ``end_step <= start_step`` is a step function: the
   start value before ``start_step``, the end value from it on.
 - ``output_clip=(lo, hi)`` accepts ``None`` for either bound (no clip on that side).
+- Infinite limits (``r_max`` or ``d_max`` of ``inf``) mean no clipping; a ``"linear"``
+  schedule with an infinite end is infinite strictly between its steps.
 - ``dweight`` is ``None`` when ``weight`` is ``None``; ``dbias`` is ``None`` when
   ``bias`` is ``None``; ``dx`` is ``None`` when ``dy`` is ``None``.
 - The non-finite guard also applies to :func:`recurrent_steps` (per feature, on the
@@ -66,6 +68,8 @@ def _linear(start_value, end_value, start_step, end_step, step) -> float:
     if s1 <= s0:  # degenerate ramp: a step from a to b at s0
         return b if t >= s0 else a
     fraction = min(max((t - s0) / (s1 - s0), 0.0), 1.0)
+    if math.isinf(a) or math.isinf(b):  # the line's limit: infinite inside the ramp
+        return a if fraction == 0.0 else b if fraction == 1.0 else a + b
     return a + (b - a) * fraction
 
 

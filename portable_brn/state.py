@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 
 from array_api_compat import array_namespace
 
+from .inputs import as_namespace
 from .moments import compute_dtype
 
 __all__ = ["RenormState", "init_params", "init_state", "zero_step"]
@@ -28,11 +29,13 @@ def init_state(num_features: int | tuple[int, ...], *, xp: Any,
     """Fresh state: mean 0, std 1, step 0.
 
     ``num_features`` is the size of the feature axis, or a tuple of sizes when the
-    normalization keeps one statistic per element of several axes.  ``dtype`` defaults
-    to float32, and a 16-bit float dtype gives float32 statistics (as the core computes
-    them); the step uses the namespace's default integer dtype.  The one place a fresh
-    state is made: every adapter calls it.
+    normalization keeps one statistic per element of several axes.  ``xp`` is an Array
+    API namespace or a framework module (``torch`` means ``array_api_compat.torch``).
+    ``dtype`` defaults to float32, and a 16-bit float dtype gives float32 statistics (as
+    the core computes them); the step uses the namespace's default integer dtype.  The
+    one place a fresh state is made: every adapter calls it.
     """
+    xp = as_namespace(xp)
     shape = (num_features,) if isinstance(num_features, int) else tuple(num_features)
     if not shape or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in shape):
         raise ValueError(f"num_features must be a positive int or a tuple of them, "
@@ -50,6 +53,7 @@ def init_state(num_features: int | tuple[int, ...], *, xp: Any,
 
 def zero_step(xp: Any, device: Any | None = None) -> Any:
     """A step counter at 0 on ``device``, in the namespace's default integer dtype."""
+    xp = as_namespace(xp)
     integral = xp.__array_namespace_info__().default_dtypes(device=device)["integral"]
     return xp.zeros((), dtype=integral, device=device)
 
