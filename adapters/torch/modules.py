@@ -18,7 +18,8 @@ from portable_brn.config import RenormConfig
 from portable_brn.schedules import ScheduleLike
 from portable_brn.state import RenormState
 
-from .functional import ReplicaMean, batch_norm_step, infer_step, train_step
+from .functional import batch_norm_step, infer_step, train_step
+from .sync import sync_step
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "SyncBatchRenorm"]
 
@@ -150,6 +151,9 @@ class _BatchRenorm(nn.Module):
         if reference is not None and reference.device != input.device:
             raise ValueError(f"input is on {input.device} but {type(self).__name__}'s "
                              f"parameters and buffers are on {reference.device}")
+        self._check_batch_size(input)
+
+    def _check_batch_size(self, input: torch.Tensor) -> None:
         if self._uses_batch_stats() and input.numel() // input.shape[1] < 2:
             raise ValueError(f"Expected more than 1 value per channel when training, got "
                              f"input size {tuple(input.shape)}")
@@ -157,21 +161,15 @@ class _BatchRenorm(nn.Module):
     def _uses_batch_stats(self) -> bool:
         return self.training or not self.track_running_stats
 
-    def _replica_mean(self, input: torch.Tensor) -> ReplicaMean:
-        """How to average a per-feature statistic over replicas; None: this process only."""
-        return None
-
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input(input)
         if not self.track_running_stats:
-            return batch_norm_step(input, self.weight, self.bias, self.config,
-                                   replica_mean=self._replica_mean(input))
+            return batch_norm_step(input, self.weight, self.bias, self.config)
         if not self.training:
             return infer_step(input, self.weight, self.bias, self.running_mean,
                               self.running_std, self.config)
         state = RenormState(self.running_mean, self.running_std, self.num_batches_tracked)
         return train_step(input, self.weight, self.bias, state, self.config,
-                          replica_mean=self._replica_mean(input),
                           finite_out=self.last_finite)
 
     def extra_repr(self) -> str:
@@ -218,22 +216,23 @@ class BatchRenorm3d(_BatchRenorm):
             raise ValueError(f"expected 5D input (got {input.dim()}D input)")
 
 
-def _all_reduce_sum(tensor: torch.Tensor, group: Any) -> torch.Tensor:
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
-    return tensor
-
-
 class SyncBatchRenorm(_BatchRenorm):
     """Batch renormalization whose batch statistics span every process of ``process_group``
     (default: the world), like ``torch.nn.SyncBatchNorm``, for inputs ``(N, C, ...)``.
 
-    Each step all-reduces the per-feature batch mean and variance in the forward and the
-    two per-feature gradient means in the backward (the core's ``replica_mean``), weighting
-    each process by its number of elements, so the statistics are exactly those of the
-    concatenated batch and every process ends the step with the same running statistics.
-    Parameter gradients stay local, as with ``SyncBatchNorm``: DDP sums them.  Outside
-    training, or when ``torch.distributed`` is not initialized or has one process, it is
-    an ordinary ``BatchRenorm``.  Always on the core's generic path.
+    The statistics are exactly those of the concatenated batch, whatever each process's
+    share of it (an empty local batch included), and every process ends the step with
+    the same running statistics.  Float32/float64 inputs of the layer's dtype without
+    ``micro_batch`` or ``output_clip`` run on native kernels with one all_reduce in the
+    forward (count, sums) and one in the backward (the two per-feature gradient sums),
+    as ``SyncBatchNorm``; the one-value-per-channel check reads the global count, so every
+    process computes the global result or raises the same error.  The other
+    configurations take the core's generic path (a few more all_reduces), which needs a
+    usable local batch on every process, and otherwise raises on every process.  With
+    ``micro_batch`` each micro-batch stays on its process and only the state update is
+    averaged.  Parameter gradients stay local, as with ``SyncBatchNorm``: DDP sums them.
+    Outside training, or when ``torch.distributed`` is not initialized or has one
+    process, it is an ordinary ``BatchRenorm``.  See ``adapters/torch/sync.py``.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-3, momentum: float = 0.01,
@@ -248,16 +247,23 @@ class SyncBatchRenorm(_BatchRenorm):
         if input.dim() < 2:
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
-    def _replica_mean(self, input: torch.Tensor) -> ReplicaMean:
-        if not (self._uses_batch_stats() and dist.is_available() and dist.is_initialized()
+    def _sync_group(self) -> Any:
+        """Whether this call synchronises: the process group (None: the world) or False."""
+        if (self._uses_batch_stats() and dist.is_available() and dist.is_initialized()
                 and dist.get_world_size(self.process_group) > 1):
-            return None
-        group = self.process_group
-        local = torch.tensor(float(input.numel() // input.shape[1]), dtype=torch.float64,
-                             device=input.device)
-        share = local / _all_reduce_sum(local.clone(), group)
+            return self.process_group
+        return False
 
-        def replica_mean(array: torch.Tensor) -> torch.Tensor:
-            return _all_reduce_sum(array * share.to(array.dtype), group)
+    def _check_batch_size(self, input: torch.Tensor) -> None:
+        if self._sync_group() is False:  # synchronised: the global count, after the all_reduce
+            super()._check_batch_size(input)
 
-        return replica_mean
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        group = self._sync_group()
+        if group is False:
+            return super().forward(input)
+        self._check_input(input)
+        state = None if not self.track_running_stats else RenormState(
+            self.running_mean, self.running_std, self.num_batches_tracked)
+        return sync_step(input, self.weight, self.bias, state, self.config, group,
+                         finite_out=self.last_finite)
