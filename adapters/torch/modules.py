@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from portable_brn.config import RenormConfig
@@ -29,6 +30,32 @@ def _check_num_features(num_features: object) -> None:
         raise TypeError(f"num_features must be an int, got {num_features!r}")
     if num_features < 1:
         raise ValueError(f"num_features must be >= 1, got {num_features!r}")
+
+
+def _config_property(name: str) -> property:
+    """A constructor option kept in ``self.config``: setting it validates the value (the
+    error names it, the layer stays as it was) and takes effect from the next call."""
+
+    def get(self: _BatchRenorm) -> Any:
+        return getattr(self.config, name)
+
+    def set(self: _BatchRenorm, value: Any) -> None:
+        self.config = dataclasses.replace(self.config, **{name: value})
+
+    return property(get, set, doc=f"``RenormConfig.{name}``, settable between calls.")
+
+
+def _fixed_property(name: str) -> property:
+    """A constructor option that shapes the parameters and buffers: read-only."""
+
+    def get(self: _BatchRenorm) -> Any:
+        return getattr(self, "_" + name)
+
+    def set(self: _BatchRenorm, value: Any) -> None:
+        raise AttributeError(f"{name} of {type(self).__name__} is fixed at construction (it "
+                             f"decides the parameters and buffers); build a new layer instead")
+
+    return property(get, set, doc=f"``{name}`` as constructed (read-only).")
 
 
 class _BatchRenorm(nn.Module):
@@ -63,6 +90,11 @@ class _BatchRenorm(nn.Module):
     statistics were left as they were.
     """
 
+    # TorchScript compiles properties unless named here; these read ``self.config``
+    __jit_unused_properties__ = ("eps", "momentum", "r_max", "d_max", "r_min", "warmup_steps",
+                                 "micro_batch", "output_clip", "num_features", "affine",
+                                 "track_running_stats")
+
     def __init__(self, num_features: int, eps: float = 1e-3, momentum: float = 0.01,
                  affine: bool = True, track_running_stats: bool = True,
                  device: Any = None, dtype: torch.dtype | None = None, *,
@@ -75,9 +107,9 @@ class _BatchRenorm(nn.Module):
         self.config = RenormConfig(feature_axis=1, eps=eps, momentum=momentum, r_max=r_max,
                                    d_max=d_max, r_min=r_min, warmup_steps=warmup_steps,
                                    micro_batch=micro_batch, output_clip=output_clip)
-        self.num_features = num_features
-        self.affine = bool(affine)
-        self.track_running_stats = bool(track_running_stats)
+        self._num_features = num_features
+        self._affine = bool(affine)
+        self._track_running_stats = bool(track_running_stats)
         factory = {"device": device, "dtype": dtype}
         if self.affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
@@ -100,21 +132,17 @@ class _BatchRenorm(nn.Module):
 
     # -- hyperparameters: one validated RenormConfig behind batch norm's attribute names
 
-    @property
-    def eps(self) -> float:
-        return self.config.eps
-
-    @eps.setter
-    def eps(self, value: float) -> None:
-        self.config = dataclasses.replace(self.config, eps=value)
-
-    @property
-    def momentum(self) -> float:
-        return self.config.momentum
-
-    @momentum.setter
-    def momentum(self, value: float) -> None:
-        self.config = dataclasses.replace(self.config, momentum=value)
+    eps = _config_property("eps")
+    momentum = _config_property("momentum")
+    r_max = _config_property("r_max")
+    d_max = _config_property("d_max")
+    r_min = _config_property("r_min")
+    warmup_steps = _config_property("warmup_steps")
+    micro_batch = _config_property("micro_batch")
+    output_clip = _config_property("output_clip")
+    num_features = _fixed_property("num_features")
+    affine = _fixed_property("affine")
+    track_running_stats = _fixed_property("track_running_stats")
 
     # -- batch norm's housekeeping
 
@@ -162,6 +190,23 @@ class _BatchRenorm(nn.Module):
         return self.training or not self.track_running_stats
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._scripted_inference(input)
+        return self._forward(input)
+
+    def _scripted_inference(self, input: torch.Tensor) -> torch.Tensor:
+        """What ``torch.jit.script`` compiles: inference with the running statistics."""
+        mean, std = self.running_mean, self.running_std
+        if self.training or mean is None or std is None:
+            raise RuntimeError(  # a literal: TorchScript reads no global strings
+                "a BatchRenorm layer under torch.jit.script runs inference only (eval mode "
+                "with track_running_stats=True): TorchScript cannot run its training step. "
+                "Train eagerly or under torch.compile; for a graph of the model use "
+                "torch.jit.trace or torch.export.export")
+        return F.batch_norm(input, mean, std * std, self.weight, self.bias, False, 0.0, 0.0)
+
+    @torch.jit.unused
+    def _forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input(input)
         if not self.track_running_stats:
             return batch_norm_step(input, self.weight, self.bias, self.config)
@@ -258,10 +303,11 @@ class SyncBatchRenorm(_BatchRenorm):
         if self._sync_group() is False:  # synchronised: the global count, after the all_reduce
             super()._check_batch_size(input)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    @torch.jit.unused
+    def _forward(self, input: torch.Tensor) -> torch.Tensor:
         group = self._sync_group()
         if group is False:
-            return super().forward(input)
+            return super()._forward(input)
         self._check_input(input)
         state = None if not self.track_running_stats else RenormState(
             self.running_mean, self.running_std, self.num_batches_tracked)
