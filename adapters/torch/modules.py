@@ -87,7 +87,21 @@ class _BatchRenorm(nn.Module):
 
     After each training step the non-persistent buffer ``last_finite`` says, per feature,
     whether the batch statistics were finite; where they were not, the running
-    statistics were left as they were.
+    statistics were left as they were.  ``num_batches_tracked`` advances on every
+    training step, a non-finite batch included, so that schedules and warm-up keep
+    counting steps, not good batches.
+
+    Every renorm option (``eps``, ``momentum``, ``r_max``, ``d_max``, ``r_min``,
+    ``warmup_steps``, ``micro_batch``, ``output_clip``) is a property: setting it
+    validates the value (an error names it and leaves the layer as it was) and takes
+    effect from the next call.  ``num_features``, ``affine`` and ``track_running_stats``
+    shape the parameters and buffers and are read-only.
+
+    ``torch.jit.script`` compiles the layer's inference (eval mode with running
+    statistics: ``weight * (x - running_mean) / running_std + bias``); a scripted layer
+    in training mode, or without running statistics, raises, since TorchScript cannot
+    run the training step.  ``torch.jit.trace`` and ``torch.export.export`` of an
+    eval-mode model are the supported graph paths; ``torch.compile`` trains.
     """
 
     # TorchScript compiles properties unless named here; these read ``self.config``
