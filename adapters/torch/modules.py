@@ -32,6 +32,34 @@ def _check_num_features(num_features: object) -> None:
         raise ValueError(f"num_features must be >= 1, got {num_features!r}")
 
 
+def _entry_problem(name: str, value: Any, current: torch.Tensor) -> str | None:
+    """Why checkpoint entry ``name`` cannot replace ``current`` exactly, or None."""
+    if not isinstance(value, torch.Tensor):
+        return f"expected a tensor, got {type(value).__name__}"
+    if value.shape != current.shape:
+        return f"shape {tuple(value.shape)} where the layer has {tuple(current.shape)}"
+    if value.is_complex() or value.dtype == torch.bool:
+        return f"dtype {value.dtype} is not real"
+    if name == "num_batches_tracked":
+        step = value.to(torch.float64) if value.is_floating_point() else value
+        if not bool(torch.isfinite(step).all()) or bool((step != step.round()).any()):
+            return f"the step must be a whole number, got {value.item()!r}"
+        if bool((step < 0).any()) or bool((step >= 2.0 ** 63).any()):
+            return f"the step must be >= 0 and fit int64, got {value.item()!r}"
+        return None
+    if not value.is_floating_point():
+        return f"dtype {value.dtype} is not floating point"
+    back = value.detach().to(current.dtype).to(value.dtype)
+    if not torch.allclose(back, value, rtol=0.0, atol=0.0, equal_nan=True):
+        return f"{value.dtype} values that {current.dtype} cannot hold exactly (convert " \
+               f"the layer or the checkpoint first)"
+    if name in ("running_mean", "running_std") and not bool(torch.isfinite(value).all()):
+        return "not finite"
+    if name == "running_std" and not bool((value > 0).all()):
+        return "a running std must be > 0"
+    return None
+
+
 def _config_property(name: str) -> property:
     """A constructor option kept in ``self.config``: setting it validates the value (the
     error names it, the layer stays as it was) and takes effect from the next call."""
@@ -174,6 +202,52 @@ class _BatchRenorm(nn.Module):
         if self.affine:
             nn.init.ones_(self.weight)
             nn.init.zeros_(self.bias)
+
+    # -- checkpoints: every entry checked before any is copied; all or nothing
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True,
+                        assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``, all or nothing: when it raises (a bad entry, or
+        a missing or unexpected key with ``strict``), the layer keeps its state."""
+        tensors = {**self._parameters, **self._buffers}
+        saved = {name: (value, value.detach().clone()) for name, value in tensors.items()
+                 if value is not None}
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except Exception:
+            with torch.no_grad():
+                for name, (original, copy) in saved.items():
+                    original.copy_(copy)
+                    table = self._parameters if name in self._parameters else self._buffers
+                    table[name] = original
+            raise
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str,
+                              local_metadata: dict[str, Any], strict: bool,
+                              missing_keys: list[str], unexpected_keys: list[str],
+                              error_msgs: list[str]) -> None:
+        problems = self._state_dict_problems(state_dict, prefix)
+        if problems:  # load_state_dict raises them all; nothing of this layer moved
+            error_msgs.extend(problems)
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                      missing_keys, unexpected_keys, error_msgs)
+
+    def _state_dict_problems(self, state_dict: dict[str, Any], prefix: str) -> list[str]:
+        """What is wrong with this layer's entries of ``state_dict``: values that are not
+        tensors, of another shape, of a dtype that cannot hold them exactly, a
+        non-finite running statistic, a running std <= 0, or a step that is not a
+        non-negative integer."""
+        own = {name: value for name, value in self._parameters.items() if value is not None}
+        own.update((name, value) for name, value in self._buffers.items()
+                   if value is not None and name not in self._non_persistent_buffers_set)
+        problems = []
+        for name, current in own.items():
+            if prefix + name in state_dict:
+                problem = _entry_problem(name, state_dict[prefix + name], current)
+                if problem:
+                    problems.append(f'"{prefix}{name}": {problem}')
+        return problems
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         raise NotImplementedError
