@@ -108,8 +108,8 @@ class _BatchRenorm(nn.Module):
     Float32 and float64 inputs of the layer's dtype on CPU or CUDA train on PyTorch's
     native batch-norm kernels with r and d folded into the affine weights; ``micro_batch``,
     ``output_clip``, 16-bit inputs (statistics and state in float32, output in the input
-    dtype, e.g. under ``torch.autocast``), inputs of another dtype than the layer's and
-    synchronised statistics take the core's generic path instead.  Both have SPEC
+    dtype, e.g. under ``torch.autocast``) and inputs of another dtype than the layer's
+    take the core's generic path instead (``SyncBatchRenorm``: see there).  Both have SPEC
     section 4's gradients; neither supports double backward.  ``torch.compile`` traces the
     native path whole (``fullgraph=True``); the generic path compiles with graph breaks.
 
