@@ -61,7 +61,7 @@ def _from_batchnorm(bn: _BatchNorm, options: dict[str, Any]) -> _BatchRenorm:
     renorm_class = next((r for b, r in _RENORM_OF if isinstance(bn, b)), None)
     if renorm_class is None:
         raise TypeError(f"convert_batchnorm does not know {type(bn).__name__}")
-    kwargs = {"eps": bn.eps, "momentum": 0.01 if bn.momentum is None else bn.momentum,
+    kwargs = {"eps": bn.eps, "momentum": bn.momentum,
               **options, **_factory(bn)}
     if renorm_class is SyncBatchRenorm:
         kwargs["process_group"] = bn.process_group
@@ -83,8 +83,8 @@ def convert_batchnorm(module: nn.Module, **renorm_options: Any) -> nn.Module:
     matching ``BatchRenorm1d/2d/3d`` or ``SyncBatchRenorm``; returns the model.
 
     Each carries its weight, bias, running mean, ``sqrt(running_var + eps)`` as running
-    std (so inference is unchanged), ``num_batches_tracked``, eps, momentum (batch norm's
-    ``momentum=None`` becomes 0.01) and train/eval mode.  ``renorm_options`` (``r_max``,
+    std (so inference is unchanged), ``num_batches_tracked``, eps, momentum (``None``, the
+    cumulative moving average, included) and train/eval mode.  ``renorm_options`` (``r_max``,
     ``d_max``, ``warmup_steps``, ``momentum``, ...) apply to every new layer.
     """
     return _replace_modules(module, lambda m: isinstance(m, _BatchNorm),

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from portable_brn.config import RenormConfig
-from portable_brn.schedules import ScheduleLike
+from portable_brn.schedules import CumulativeAverage, ScheduleLike, cumulative_average
 from portable_brn.state import RenormState
 
 from .functional import ReplicaMean, batch_norm_step, infer_step, train_step
@@ -28,6 +28,11 @@ def _check_num_features(num_features: object) -> None:
         raise TypeError(f"num_features must be an int, got {num_features!r}")
     if num_features < 1:
         raise ValueError(f"num_features must be >= 1, got {num_features!r}")
+
+
+def _rate(momentum: Any) -> Any:
+    """The core's momentum for torch's: None is the cumulative moving average."""
+    return cumulative_average() if momentum is None else momentum
 
 
 class _BatchRenorm(nn.Module):
@@ -46,8 +51,8 @@ class _BatchRenorm(nn.Module):
 
     ``r_max``, ``d_max`` and ``r_min`` take a number or a schedule from
     ``portable_brn.schedules``; ``warmup_steps``, ``micro_batch`` and ``output_clip`` are
-    as in ``RenormConfig``.  ``momentum=None`` (batch norm's cumulative average) is not
-    supported.
+    as in ``RenormConfig``.  ``momentum=None`` is batch norm's cumulative moving average
+    (weight ``1 / num_batches_tracked`` for the new value).
 
     Float32 and float64 inputs of the layer's dtype on CPU or CUDA train on PyTorch's
     native batch-norm kernels with r and d folded into the affine weights; ``micro_batch``,
@@ -62,7 +67,7 @@ class _BatchRenorm(nn.Module):
     statistics were left as they were.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-3, momentum: float = 0.01,
+    def __init__(self, num_features: int, eps: float = 1e-3, momentum: float | None = 0.01,
                  affine: bool = True, track_running_stats: bool = True,
                  device: Any = None, dtype: torch.dtype | None = None, *,
                  r_max: ScheduleLike = 3.0, d_max: ScheduleLike = 5.0,
@@ -71,7 +76,7 @@ class _BatchRenorm(nn.Module):
                  output_clip: tuple[float, float] | None = None) -> None:
         super().__init__()
         _check_num_features(num_features)
-        self.config = RenormConfig(feature_axis=1, eps=eps, momentum=momentum, r_max=r_max,
+        self.config = RenormConfig(feature_axis=1, eps=eps, momentum=_rate(momentum), r_max=r_max,
                                    d_max=d_max, r_min=r_min, warmup_steps=warmup_steps,
                                    micro_batch=micro_batch, output_clip=output_clip)
         self.num_features = num_features
@@ -108,12 +113,14 @@ class _BatchRenorm(nn.Module):
         self.config = dataclasses.replace(self.config, eps=value)
 
     @property
-    def momentum(self) -> float:
-        return self.config.momentum
+    def momentum(self) -> float | None:
+        """The weight of the new value; None: the cumulative moving average."""
+        rate = self.config.momentum
+        return None if isinstance(rate, CumulativeAverage) else rate
 
     @momentum.setter
-    def momentum(self, value: float) -> None:
-        self.config = dataclasses.replace(self.config, momentum=value)
+    def momentum(self, value: float | None) -> None:
+        self.config = dataclasses.replace(self.config, momentum=_rate(value))
 
     # -- batch norm's housekeeping
 
@@ -176,7 +183,7 @@ class _BatchRenorm(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        parts = [f"{self.num_features}", f"eps={c.eps}", f"momentum={c.momentum}",
+        parts = [f"{self.num_features}", f"eps={c.eps}", f"momentum={self.momentum}",
                  f"affine={self.affine}", f"track_running_stats={self.track_running_stats}",
                  f"r_max={c.r_max}", f"d_max={c.d_max}"]
         for name in ("r_min", "micro_batch", "output_clip"):
@@ -189,7 +196,7 @@ class _BatchRenorm(nn.Module):
     def _renorm_options(self) -> dict[str, Any]:
         """The constructor keywords that rebuild this layer's configuration."""
         c = self.config
-        return {"eps": c.eps, "momentum": c.momentum, "r_max": c.r_max, "d_max": c.d_max,
+        return {"eps": c.eps, "momentum": self.momentum, "r_max": c.r_max, "d_max": c.d_max,
                 "r_min": c.r_min, "warmup_steps": c.warmup_steps,
                 "micro_batch": c.micro_batch, "output_clip": c.output_clip}
 
@@ -236,7 +243,7 @@ class SyncBatchRenorm(_BatchRenorm):
     an ordinary ``BatchRenorm``.  Always on the core's generic path.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-3, momentum: float = 0.01,
+    def __init__(self, num_features: int, eps: float = 1e-3, momentum: float | None = 0.01,
                  affine: bool = True, track_running_stats: bool = True,
                  process_group: Any = None, device: Any = None,
                  dtype: torch.dtype | None = None, **renorm_options: Any) -> None:
