@@ -122,6 +122,22 @@ class _BatchRenorm(nn.Module):
     def momentum(self, value: float | None) -> None:
         self.config = dataclasses.replace(self.config, momentum=_rate(value))
 
+    # -- checkpoints: version 3 stores running_std; older dicts may be batch norm's
+
+    _version = 3
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str,
+                              local_metadata: dict[str, Any], *args: Any) -> None:
+        """A batch-norm state dict (any dict before version 3 with ``running_var`` and no
+        ``running_std``) loads with ``running_std = sqrt(running_var + eps)``."""
+        version = local_metadata.get("version")
+        var_key, std_key = prefix + "running_var", prefix + "running_std"
+        older = version is None or version < 3
+        if older and var_key in state_dict and std_key not in state_dict:
+            var = state_dict.pop(var_key)
+            state_dict[std_key] = torch.sqrt(var.double() + self.eps).to(var.dtype)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
     # -- batch norm's housekeeping
 
     def reset_running_stats(self) -> None:
