@@ -20,24 +20,29 @@ Inf and the state was kept) are sown as ``finite`` into the ``intermediates`` co
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+import numbers
+import re
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from flax.core import FrozenDict, freeze, unfreeze
 
 from portable_brn.config import RenormConfig
 from portable_brn.conventions import RENORM_OPTIONS, config_from_flax
 from portable_brn.inputs import check_floating
 from portable_brn.layout import make_layout
 from portable_brn.schedules import ScheduleLike
-from portable_brn.state import RenormState, init_state
+from portable_brn.state import RenormState, init_state, zero_step
 
 from .jax import as_jax_array, renorm_infer, renorm_train
 
-__all__ = ["BatchRenorm", "NnxBatchRenorm"]
+__all__ = ["BatchRenorm", "NnxBatchRenorm", "from_batchnorm_variables",
+           "to_batchnorm_variables"]
 
 Initializer = Any
 Dtype = Any
@@ -122,6 +127,10 @@ class BatchRenorm(nn.Module):
                                              use_running_average)
         config = self.config()
         shape = make_layout(x.shape, self.axis, training=False).feature_shape
+        if not self.is_initializing() and not self.has_variable("batch_stats", "std"):
+            raise ValueError(f"{self.name or 'BatchRenorm'}: batch_stats lack 'std' (a "
+                             "flax.linen.BatchNorm checkpoint's mean and var?); convert them "
+                             "with from_batchnorm_variables or initialize the model afresh")
         fresh = init_state(shape, xp=jnp, dtype=self.param_dtype)
         mean = self.variable("batch_stats", "mean", lambda: fresh.mean)
         std = self.variable("batch_stats", "std", lambda: fresh.std)
@@ -140,6 +149,78 @@ class BatchRenorm(nn.Module):
             mean.value, std.value, step.value = new_state
             self.sow("intermediates", "finite", finite, reduce_fn=_keep_latest)
         return y
+
+
+# -- flax.linen.BatchNorm checkpoints in and out: stats {mean, var} <-> {mean, std, step}
+
+
+def _layer_paths(tree: Mapping, keys: frozenset[str], path: tuple[str, ...] = ()) -> list:
+    """The paths of the sub-mappings of ``tree`` whose keys are exactly ``keys``."""
+    if set(tree) == keys:
+        return [path]
+    return [found for name, sub in tree.items() if isinstance(sub, Mapping)
+            for found in _layer_paths(sub, keys, (*path, name))]
+
+
+def _convert_variables(variables: Mapping, epsilon: float, from_keys: frozenset[str],
+                       convert: Callable[[dict], dict], old: str, new: str) -> Any:
+    """``variables`` with every layer whose ``batch_stats`` have ``from_keys`` converted by
+    ``convert`` and, in every collection, auto-generated names ``old_i`` renamed ``new_i``."""
+    if not isinstance(variables, Mapping):
+        raise TypeError(f"variables must be a mapping of collections, got {variables!r}")
+    if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
+        raise TypeError(f"epsilon must be a real number, got {epsilon!r}")
+    if not 0.0 < epsilon < float("inf"):
+        raise ValueError(f"epsilon must be positive and finite, got {epsilon!r}")
+    converted = unfreeze(variables)
+    paths = _layer_paths(converted.get("batch_stats", {}), from_keys)
+    if not paths:
+        raise ValueError(f"variables['batch_stats'] hold no layer with statistics "
+                         f"{sorted(from_keys)}")
+    for path in paths:
+        for name, collection in converted.items():
+            parent = collection
+            for key in path[:-1]:
+                parent = parent.get(key, {})
+            if path[-1] not in parent:
+                continue
+            layer = parent.pop(path[-1])
+            renamed = re.sub(rf"^{old}_(\d+)$", rf"{new}_\1", path[-1])
+            if renamed in parent:
+                raise ValueError(f"variables[{name!r}] hold both {path[-1]} and {renamed}")
+            parent[renamed] = convert(layer) if name == "batch_stats" else layer
+    return freeze(converted) if isinstance(variables, FrozenDict) else converted
+
+
+def from_batchnorm_variables(variables: Mapping, *, epsilon: float) -> Any:
+    """A model's variables with ``flax.linen.BatchNorm`` layers turned into ``BatchRenorm``
+    layers of the same inference: ``std = sqrt(var + epsilon)`` (computed in float64),
+    ``step = 0``, and auto-generated names ``BatchNorm_i`` renamed ``BatchRenorm_i``
+    (nested modules too).  ``epsilon`` is the batch norm layers'."""
+
+    def convert(stats: dict) -> dict:
+        var = np.asarray(stats["var"])
+        std = np.sqrt(var.astype(np.float64) + epsilon).astype(var.dtype)
+        return {"mean": stats["mean"], "std": jnp.asarray(std),
+                "step": zero_step(jnp)}
+
+    return _convert_variables(variables, epsilon, frozenset({"mean", "var"}), convert,
+                              "BatchNorm", "BatchRenorm")
+
+
+def to_batchnorm_variables(variables: Mapping, *, epsilon: float) -> Any:
+    """A model's variables with ``BatchRenorm`` layers turned into ``flax.linen.BatchNorm``
+    layers of the same inference: ``var = std**2 - epsilon`` (computed in float64), the
+    step dropped, ``BatchRenorm_i`` renamed ``BatchNorm_i``.  ``epsilon`` is the renorm
+    layers' (and must be the batch norm model's)."""
+
+    def convert(stats: dict) -> dict:
+        std = np.asarray(stats["std"])
+        var = (np.square(std.astype(np.float64)) - epsilon).astype(std.dtype)
+        return {"mean": stats["mean"], "var": jnp.asarray(var)}
+
+    return _convert_variables(variables, epsilon, frozenset({"mean", "std", "step"}), convert,
+                              "BatchRenorm", "BatchNorm")
 
 
 class NnxBatchRenorm(nnx.Module):

@@ -80,7 +80,8 @@ def evaluate_schedule(value: Schedule, step: int) -> float:
     dict: ``{"kind": "constant", "value": v}``, ``{"kind": "linear", "start_value": a,
     "end_value": b, "start_step": s0, "end_step": s1}`` meaning
     ``a + (b - a) * clip((t - s0) / (s1 - s0), 0, 1)``, ``{"kind": "paper_r_max"}`` or
-    ``{"kind": "paper_d_max"}`` (the paper's schedules, as linear specs).
+    ``{"kind": "paper_d_max"}`` (the paper's schedules, as linear specs) or
+    ``{"kind": "cumulative_average"}`` (the momentum ``1 / (t + 1)``).
     """
     if callable(value):
         return float(value(step))
@@ -96,6 +97,8 @@ def evaluate_schedule(value: Schedule, step: int) -> float:
                 value["end_step"],
                 step,
             )
+        if kind == "cumulative_average":
+            return 1.0 / (step + 1)
         if kind in _PAPER_SCHEDULES:
             return _linear(step=step, **_PAPER_SCHEDULES[kind])
         raise ValueError(f"schedule spec: unknown kind {kind!r}")
@@ -167,7 +170,7 @@ def train_step(
     *,
     feature_axis: FeatureAxis = 1,
     eps: float = 1e-3,
-    momentum: float = 0.01,
+    momentum: Schedule = 0.01,
     r_max: Schedule = 3.0,
     d_max: Schedule = 5.0,
     r_min: Schedule | None = None,
@@ -187,7 +190,7 @@ def train_step(
     mean, std = _f64(mean), _f64(std)
     weight, bias, dy = _f64(weight), _f64(bias), _f64(dy)
     step = int(step)
-    eps, momentum = float(eps), float(momentum)
+    eps = float(eps)
 
     feature_axes = _feature_axes(feature_axis, x.ndim)
     feature_shape = tuple(x.shape[a] for a in feature_axes)
@@ -209,6 +212,7 @@ def train_step(
     r_hi = evaluate_schedule(r_max, step)
     r_lo = 1.0 / r_hi if r_min is None else evaluate_schedule(r_min, step)
     d_hi = evaluate_schedule(d_max, step)
+    momentum = evaluate_schedule(momentum, step)
     warm = step < int(warmup_steps)
 
     if output_clip is None:

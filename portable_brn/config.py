@@ -70,7 +70,8 @@ def _check_feature_axis(feature_axis: object) -> None:
 class RenormConfig:
     """Everything that shapes the computation (SPEC sections 2 and 5), checked once here.
 
-    ``momentum`` is the paper's update rate alpha: the weight of the new batch statistic.
+    ``momentum`` is the paper's update rate alpha, the weight of the new batch statistic: a
+    number or a schedule (``schedules.cumulative_average()`` is torch's ``momentum=None``).
     ``r_max``, ``d_max`` and ``r_min`` take a number or a schedule (see ``schedules``);
     ``r_min=None`` means ``1 / r_max``.  ``r_max`` and ``d_max`` may be ``math.inf``: no
     clipping on that side (``r_max=inf`` makes the derived ``r_min`` 0, so r is not
@@ -79,7 +80,7 @@ class RenormConfig:
 
     feature_axis: FeatureAxis = 1
     eps: float = 1e-3
-    momentum: float = 0.01
+    momentum: ScheduleLike = 0.01
     r_max: ScheduleLike = 3.0
     d_max: ScheduleLike = 5.0
     r_min: ScheduleLike | None = None
@@ -92,7 +93,7 @@ class RenormConfig:
             object.__setattr__(self, "feature_axis", tuple(self.feature_axis))
         _check_feature_axis(self.feature_axis)
         _require_number("eps", self.eps, low=0.0, low_open=True)
-        _require_number("momentum", self.momentum, low=0.0, high=1.0, low_open=True)
+        _require_schedule("momentum", self.momentum, low=0.0, high=1.0, low_open=True)
         _require_schedule("r_max", self.r_max, low=1.0, allow_inf=True)
         _require_schedule("d_max", self.d_max, low=0.0, allow_inf=True)
         if self.r_min is not None:

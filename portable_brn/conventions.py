@@ -17,6 +17,7 @@ import numbers
 from typing import Any
 
 from .config import RenormConfig
+from .schedules import CumulativeAverage
 
 __all__ = ["RENORM_OPTIONS", "config_from_flax", "flax_options", "torch_options"]
 
@@ -30,8 +31,9 @@ def _renorm_options(config: RenormConfig) -> dict[str, Any]:
 
 def torch_options(config: RenormConfig) -> dict[str, Any]:
     """The keywords of a torch ``BatchRenorm*d`` with ``config`` (its feature axis aside:
-    torch's is dim 1)."""
-    return {"eps": config.eps, "momentum": config.momentum, **_renorm_options(config)}
+    torch's is dim 1); the cumulative average is torch's ``momentum=None``."""
+    momentum = None if isinstance(config.momentum, CumulativeAverage) else config.momentum
+    return {"eps": config.eps, "momentum": momentum, **_renorm_options(config)}
 
 
 def flax_options(config: RenormConfig) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from .moments import Moments, ReplicaMean, compute_dtype, merge_moments
 from .state import RenormState
 
 __all__ = ["Residuals", "backward", "clip_limits", "deferred_update", "forward_infer",
-           "forward_train", "update_state"]
+           "forward_train", "momentum_at", "update_state"]
 
 
 class Residuals(NamedTuple):
@@ -113,6 +113,15 @@ def clip_limits(config: RenormConfig, step: Any, dtype: Any) -> tuple[Any, Any, 
     return r_min, r_max, d_max
 
 
+def momentum_at(config: RenormConfig, step: Any, dtype: Any) -> Any:
+    """The update rate at step ``t`` (before the update): a Python float for a constant
+    momentum, else the schedule's value as a 0-d array of ``dtype`` (traceable)."""
+    if not callable(config.momentum):
+        return config.momentum
+    xp = namespace_of(step=step)
+    return _schedule_value(xp, config.momentum, xp.astype(step, dtype))
+
+
 def corrections(xp: Any, batch_mean: Any, batch_std: Any, mean: Any, std: Any, step: Any,
                 config: RenormConfig) -> tuple[Any, Any]:
     """The clipped r and d of Algorithm 1 (r = 1, d = 0 during warm-up)."""
@@ -136,8 +145,10 @@ def _moved_state(xp: Any, state: RenormState, batch_mean: Any, batch_std: Any, f
                  config: RenormConfig) -> RenormState:
     """``update_state`` on arguments already checked, with their ``finite`` flags."""
 
+    momentum = momentum_at(config, state.step, batch_mean.dtype)
+
     def moved(old: Any, target: Any) -> Any:
-        new = old + config.momentum * (target - old)
+        new = old + momentum * (target - old)
         return xp.where(finite, xp.astype(new, old.dtype, copy=False), old)
 
     step = xp.asarray(state.step + 1)  # NumPy turns 0-d arithmetic into a scalar
@@ -146,7 +157,8 @@ def _moved_state(xp: Any, state: RenormState, batch_mean: Any, batch_std: Any, f
 
 def update_state(state: RenormState, batch_mean: Any, batch_std: Any,
                  config: RenormConfig) -> tuple[RenormState, Any]:
-    """Move the statistics toward the batch's by ``config.momentum``; step + 1.
+    """Move the statistics toward the batch's by ``config.momentum`` (at the step before the
+    update, for a schedule); step + 1.
 
     A feature whose batch statistic is not finite keeps its old statistics.  Returns the
     new state and the per-feature ``finite`` flags.

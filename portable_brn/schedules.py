@@ -15,7 +15,8 @@ from typing import Any
 
 from array_api_compat import array_namespace
 
-__all__ = ["Constant", "Linear", "Schedule", "ScheduleLike", "constant", "linear", "paper"]
+__all__ = ["Constant", "CumulativeAverage", "Linear", "Schedule", "ScheduleLike", "constant",
+           "cumulative_average", "linear", "paper"]
 
 Schedule = Callable[[Any], Any]
 ScheduleLike = float | Schedule
@@ -72,6 +73,16 @@ class Linear:
         return (min(self.start_value, self.end_value), max(self.start_value, self.end_value))
 
 
+@dataclass(frozen=True)
+class CumulativeAverage:
+    """A momentum of ``1 / (t + 1)`` at step ``t``: after ``n`` updates the moving statistic
+    is the plain mean of the ``n`` batch statistics (``torch.nn.BatchNorm*d``'s
+    ``momentum=None``).  Its values lie in (0, 1]."""
+
+    def __call__(self, step: Any) -> Any:
+        return 1.0 / (step + 1.0)
+
+
 def constant(value: float) -> Constant:
     """A schedule that always returns ``value``."""
     return Constant(float(value))
@@ -80,6 +91,11 @@ def constant(value: float) -> Constant:
 def linear(start_value: float, end_value: float, start_step: int, end_step: int) -> Linear:
     """A linear ramp from ``start_value`` at ``start_step`` to ``end_value`` at ``end_step``."""
     return Linear(float(start_value), float(end_value), int(start_step), int(end_step))
+
+
+def cumulative_average() -> CumulativeAverage:
+    """The momentum schedule of a cumulative moving average (torch's ``momentum=None``)."""
+    return CumulativeAverage()
 
 
 def paper() -> dict[str, Linear]:

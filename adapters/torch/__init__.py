@@ -5,8 +5,10 @@
   ``r_min`` or schedules, ``warmup_steps``, ``micro_batch``, ``output_clip``).
 - ``SyncBatchRenorm``: batch statistics over every process of a ``torch.distributed``
   group.
-- ``convert_batchnorm(model)``: batch norm layers to renorm layers, state carried over;
-  ``convert_sync_batchrenorm(model)``: renorm layers to ``SyncBatchRenorm``.
+- ``convert_batchnorm(model)``: batch norm layers to renorm layers, state carried over
+  (renorm layers also load batch norm state dicts); ``to_batchnorm(model)``: back to
+  ``nn.BatchNorm*d`` with the same inference; ``convert_sync_batchrenorm(model)``: renorm
+  layers to ``SyncBatchRenorm``.
 - ``recalibrate(model, batches)``: exact population statistics after training.
 
 Quick start::
@@ -21,7 +23,7 @@ native batch-norm kernels, held to the core by the tests.
 
 from __future__ import annotations
 
-from .convert import convert_batchnorm, convert_sync_batchrenorm
+from .convert import convert_batchnorm, convert_sync_batchrenorm, to_batchnorm
 from .modules import (
     BatchRenorm1d,
     BatchRenorm2d,
@@ -33,5 +35,5 @@ from .recalibration import recalibrate
 
 __all__ = [
     "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "SyncBatchRenorm", "_BatchRenorm",
-    "convert_batchnorm", "convert_sync_batchrenorm", "recalibrate",
+    "convert_batchnorm", "convert_sync_batchrenorm", "recalibrate", "to_batchnorm",
 ]

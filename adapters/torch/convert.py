@@ -1,4 +1,5 @@
-"""Whole-model conversion: batch norm layers to batch renorm, renorm to synchronised renorm."""
+"""Whole-model conversion: batch norm layers to batch renorm and back, renorm to
+synchronised renorm."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from .modules import (
     _BatchRenorm,
 )
 
-__all__ = ["convert_batchnorm", "convert_sync_batchrenorm"]
+__all__ = ["convert_batchnorm", "convert_sync_batchrenorm", "to_batchnorm"]
 
 _RENORM_OF = ((nn.SyncBatchNorm, SyncBatchRenorm), (nn.BatchNorm3d, BatchRenorm3d),
               (nn.BatchNorm2d, BatchRenorm2d), (nn.BatchNorm1d, BatchRenorm1d))
@@ -61,7 +62,7 @@ def _from_batchnorm(bn: _BatchNorm, options: dict[str, Any]) -> _BatchRenorm:
     renorm_class = next((r for b, r in _RENORM_OF if isinstance(bn, b)), None)
     if renorm_class is None:
         raise TypeError(f"convert_batchnorm does not know {type(bn).__name__}")
-    kwargs = {"eps": bn.eps, "momentum": 0.01 if bn.momentum is None else bn.momentum,
+    kwargs = {"eps": bn.eps, "momentum": bn.momentum,
               **options, **_factory(bn)}
     if renorm_class is SyncBatchRenorm:
         kwargs["process_group"] = bn.process_group
@@ -83,8 +84,8 @@ def convert_batchnorm(module: nn.Module, **renorm_options: Any) -> nn.Module:
     matching ``BatchRenorm1d/2d/3d`` or ``SyncBatchRenorm``; returns the model.
 
     Each carries its weight, bias, running mean, ``sqrt(running_var + eps)`` as running
-    std (so inference is unchanged), ``num_batches_tracked``, eps, momentum (batch norm's
-    ``momentum=None`` becomes 0.01) and train/eval mode.  ``renorm_options`` (``r_max``,
+    std (so inference is unchanged), ``num_batches_tracked``, eps, momentum (``None``, the
+    cumulative moving average, included) and train/eval mode.  ``renorm_options`` (``r_max``,
     ``d_max``, ``warmup_steps``, ``momentum``, ...) apply to every new layer.
     """
     return _replace_modules(module, lambda m: isinstance(m, _BatchNorm),
@@ -107,3 +108,45 @@ def convert_sync_batchrenorm(module: nn.Module, process_group: Any = None) -> nn
     return _replace_modules(
         module, lambda m: isinstance(m, _BatchRenorm) and not isinstance(m, SyncBatchRenorm),
         lambda layer: _to_sync(layer, process_group))
+
+
+def _to_batchnorm(layer: _BatchRenorm) -> _BatchNorm:
+    """The batch norm layer with ``layer``'s inference: same parameters, running mean and
+    ``running_var = running_std**2 - eps`` (computed in float64, so batch norm's
+    ``sqrt(running_var + eps)`` gives back ``running_std`` to rounding)."""
+    bn_class = next((b for b, r in _RENORM_OF if isinstance(layer, r)), None)
+    if bn_class is None:
+        raise TypeError(f"to_batchnorm does not know {type(layer).__name__}")
+    momentum = layer.momentum
+    if callable(momentum):
+        raise ValueError(f"to_batchnorm: {type(layer).__name__} has the momentum schedule "
+                         f"{momentum!r}, which batch norm cannot hold (a number or None)")
+    kwargs = {"eps": layer.eps, "momentum": momentum, **_factory(layer)}
+    if bn_class is nn.SyncBatchNorm:
+        kwargs["process_group"] = layer.process_group
+    bn = bn_class(layer.num_features, affine=layer.affine,
+                  track_running_stats=layer.track_running_stats, **kwargs)
+    with torch.no_grad():
+        if layer.affine:
+            bn.weight.copy_(layer.weight)
+            bn.bias.copy_(layer.bias)
+        if layer.track_running_stats:
+            bn.running_mean.copy_(layer.running_mean)
+            bn.running_var.copy_(layer.running_std.double().square() - layer.eps)
+            bn.num_batches_tracked.copy_(layer.num_batches_tracked)
+    return _like(bn, layer)
+
+
+def to_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every ``BatchRenorm1d/2d/3d`` and ``SyncBatchRenorm`` in ``module`` by the
+    matching ``nn.BatchNorm1d/2d/3d`` or ``nn.SyncBatchNorm`` with the same inference
+    output; returns the model, ready for tooling that knows batch norm (conv-BN folding,
+    ONNX optimizers, quantization).
+
+    Each carries weight, bias, running mean, ``running_std**2 - eps`` as running variance,
+    ``num_batches_tracked``, eps, momentum (None included), ``affine``,
+    ``track_running_stats``, device, dtype, train/eval mode and ``requires_grad``.
+    Renorm options (``r_max``, ``d_max``, ...) have no batch norm counterpart and are
+    dropped: training the result further is plain batch norm.
+    """
+    return _replace_modules(module, lambda m: isinstance(m, _BatchRenorm), _to_batchnorm)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from portable_brn.config import RenormConfig
-from portable_brn.renorm import backward, clip_limits, forward_infer, forward_train
+from portable_brn.renorm import backward, clip_limits, forward_infer, forward_train, momentum_at
 from portable_brn.state import RenormState
 
 __all__ = ["batch_norm_step", "infer_step", "train_step"]
@@ -150,7 +150,8 @@ def _native_train(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tens
     finite = std < math.inf
     torch._foreach_lerp_([state.mean, state.std],
                          [torch.where(finite, mean, state.mean),
-                          torch.where(finite, std, state.std, out=std)], config.momentum)
+                          torch.where(finite, std, state.std, out=std)],
+                         momentum_at(config, state.step, std.dtype))
     state.step.add_(1)
     if finite_out is not None:
         finite_out.copy_(finite)

@@ -17,7 +17,7 @@ from torch import nn
 
 from portable_brn.config import RenormConfig
 from portable_brn.conventions import torch_options
-from portable_brn.schedules import ScheduleLike
+from portable_brn.schedules import CumulativeAverage, ScheduleLike, cumulative_average
 from portable_brn.state import RenormState
 
 from .functional import batch_norm_step, infer_step, train_step
@@ -87,6 +87,11 @@ def _fixed_property(name: str) -> property:
     return property(get, set, doc=f"``{name}`` as constructed (read-only).")
 
 
+def _rate(momentum: Any) -> Any:
+    """The core's momentum for torch's: None is the cumulative moving average."""
+    return cumulative_average() if momentum is None else momentum
+
+
 class _BatchRenorm(nn.Module):
     """Batch Renormalization (Ioffe, 2017) over dim 1 of ``(N, C, ...)`` inputs.
 
@@ -103,8 +108,8 @@ class _BatchRenorm(nn.Module):
 
     ``r_max``, ``d_max`` and ``r_min`` take a number or a schedule from
     ``portable_brn.schedules``; ``warmup_steps``, ``micro_batch`` and ``output_clip`` are
-    as in ``RenormConfig``.  ``momentum=None`` (batch norm's cumulative average) is not
-    supported.
+    as in ``RenormConfig``.  ``momentum=None`` is batch norm's cumulative moving average
+    (weight ``1 / num_batches_tracked`` for the new value).
 
     Float32 and float64 inputs of the layer's dtype on CPU or CUDA train on PyTorch's
     native batch-norm kernels with r and d folded into the affine weights; ``micro_batch``,
@@ -138,7 +143,7 @@ class _BatchRenorm(nn.Module):
                                  "micro_batch", "output_clip", "num_features", "affine",
                                  "track_running_stats")
 
-    def __init__(self, num_features: int, eps: float = 1e-3, momentum: float = 0.01,
+    def __init__(self, num_features: int, eps: float = 1e-3, momentum: float | None = 0.01,
                  affine: bool = True, track_running_stats: bool = True,
                  device: Any = None, dtype: torch.dtype | None = None, *,
                  r_max: ScheduleLike = 3.0, d_max: ScheduleLike = 5.0,
@@ -147,7 +152,7 @@ class _BatchRenorm(nn.Module):
                  output_clip: tuple[float, float] | None = None) -> None:
         super().__init__()
         _check_num_features(num_features)
-        self.config = RenormConfig(feature_axis=1, eps=eps, momentum=momentum, r_max=r_max,
+        self.config = RenormConfig(feature_axis=1, eps=eps, momentum=_rate(momentum), r_max=r_max,
                                    d_max=d_max, r_min=r_min, warmup_steps=warmup_steps,
                                    micro_batch=micro_batch, output_clip=output_clip)
         self._num_features = num_features
@@ -176,7 +181,6 @@ class _BatchRenorm(nn.Module):
     # -- hyperparameters: one validated RenormConfig behind batch norm's attribute names
 
     eps = _config_property("eps")
-    momentum = _config_property("momentum")
     r_max = _config_property("r_max")
     d_max = _config_property("d_max")
     r_min = _config_property("r_min")
@@ -186,6 +190,16 @@ class _BatchRenorm(nn.Module):
     num_features = _fixed_property("num_features")
     affine = _fixed_property("affine")
     track_running_stats = _fixed_property("track_running_stats")
+
+    @property
+    def momentum(self) -> float | None:
+        """The weight of the new value; None: the cumulative moving average."""
+        rate = self.config.momentum
+        return None if isinstance(rate, CumulativeAverage) else rate
+
+    @momentum.setter
+    def momentum(self, value: float | None) -> None:
+        self.config = dataclasses.replace(self.config, momentum=_rate(value))
 
     # -- batch norm's housekeeping
 
@@ -223,10 +237,21 @@ class _BatchRenorm(nn.Module):
                     table[name] = original
             raise
 
+    _version = 3  # version 3 stores running_std; older dicts may be batch norm's
+
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str,
                               local_metadata: dict[str, Any], strict: bool,
                               missing_keys: list[str], unexpected_keys: list[str],
                               error_msgs: list[str]) -> None:
+        """A batch-norm state dict (before version 3, with ``running_var`` and no
+        ``running_std``) loads with ``running_std = sqrt(running_var + eps)``; then every
+        entry is checked, and a bad one loads nothing of this layer."""
+        version = local_metadata.get("version")
+        var_key, std_key = prefix + "running_var", prefix + "running_std"
+        if (version is None or version < 3) and var_key in state_dict \
+                and std_key not in state_dict:
+            var = state_dict.pop(var_key)
+            state_dict[std_key] = torch.sqrt(var.double() + self.eps).to(var.dtype)
         problems = self._state_dict_problems(state_dict, prefix)
         if problems:  # load_state_dict raises them all; nothing of this layer moved
             error_msgs.extend(problems)
@@ -308,7 +333,7 @@ class _BatchRenorm(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        parts = [f"{self.num_features}", f"eps={c.eps}", f"momentum={c.momentum}",
+        parts = [f"{self.num_features}", f"eps={c.eps}", f"momentum={self.momentum}",
                  f"affine={self.affine}", f"track_running_stats={self.track_running_stats}",
                  f"r_max={c.r_max}", f"d_max={c.d_max}"]
         for name in ("r_min", "micro_batch", "output_clip"):
@@ -366,7 +391,7 @@ class SyncBatchRenorm(_BatchRenorm):
     process, it is an ordinary ``BatchRenorm``.  See ``adapters/torch/sync.py``.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-3, momentum: float = 0.01,
+    def __init__(self, num_features: int, eps: float = 1e-3, momentum: float | None = 0.01,
                  affine: bool = True, track_running_stats: bool = True,
                  process_group: Any = None, device: Any = None,
                  dtype: torch.dtype | None = None, **renorm_options: Any) -> None:
