@@ -72,18 +72,21 @@ class BatchRenorm:
             return self.state, self.weight, self.bias
         return self._fresh(namespace_of(x=x), device(x))
 
-    def forward(self, x: Any, training: bool = True) -> Any:
+    def forward(self, x: Any, training: bool = True, *, mask: Any = None) -> Any:
         """Normalize ``x``: batch renorm in training (updating the state), else inference.
+
+        ``mask`` (boolean, broadcastable to ``x``): in training, only the elements where
+        it is True enter the batch statistics; every element is transformed either way.
 
         Every check runs before anything changes; the new state, parameters and
         residuals are committed together, then a non-finite batch is counted and warned
         about (so a warning turned into an error finds the layer consistent)."""
         state, weight, bias = self._bound_to(x)
         if not training:
-            y = forward_infer(x, state, weight, bias, self.config)
+            y = forward_infer(x, state, weight, bias, self.config, mask=mask)
             self.state, self.weight, self.bias = state, weight, bias
             return y
-        y, new_state, residuals = forward_train(x, state, weight, bias, self.config)
+        y, new_state, residuals = forward_train(x, state, weight, bias, self.config, mask=mask)
         xp = namespace_of(x=x)
         skipped = int(xp.sum(xp.astype(~residuals.finite, xp.int32)))
         self.state, self.weight, self.bias, self._residuals = new_state, weight, bias, residuals
