@@ -112,3 +112,31 @@ def test_nnx_batch_norm_limit_equals_nnx_batchnorm_with_mask() -> None:
         assert _err(results[1][0], results[0][0]) <= 1e-12
         assert _err(results[1][1], results[0][1]) <= 1e-12
         assert _err(ours.mean[...], native.mean[...]) <= 1e-12
+
+
+def test_functional_mask_over_replicas_is_the_global_batch() -> None:
+    """Under ``vmap(axis_name=...)`` masked sums and counts are averaged over replicas,
+    so two replicas with different counted rows give the concatenated batch's result."""
+    x, dy, mask = _data((2, 6, 3), (2, 6, 1), seed=4)
+    mask[1, :5] = False  # the second replica counts one row, the first about four
+    config = RenormConfig(feature_axis=-1, momentum=0.1, r_max=1.5, d_max=0.5)
+    mean, std = np.full(3, 0.2), np.full(3, 1.3)
+    expected = ref.train_step(x.reshape(12, 3), mean, std, 0, None, None, dy.reshape(12, 3),
+                              mask=mask.reshape(12, 1), feature_axis=-1, momentum=0.1,
+                              r_max=1.5, d_max=0.5)
+    with jax.enable_x64(True):
+        state = RenormState(jnp.asarray(mean), jnp.asarray(std), jnp.asarray(0))
+
+        def replica(x, mask, dy):
+            def loss(x):
+                out = renorm_train(x, state, None, None, config, mask=mask, axis_name="r")
+                return jnp.sum(out.y * dy), out
+            (_, out), dx = jax.value_and_grad(loss, has_aux=True)(x)
+            return out.y, dx, out.state.mean
+
+        y, dx, new_mean = jax.vmap(replica, axis_name="r")(
+            jnp.asarray(x), jnp.asarray(mask), jnp.asarray(dy))
+    assert _err(y.reshape(12, 3), expected["y"]) <= 1e-12
+    assert _err(dx.reshape(12, 3), expected["dx"]) <= 1e-12
+    assert _err(new_mean[0], expected["mean"]) <= 1e-12
+    assert _err(new_mean[1], expected["mean"]) <= 1e-12
