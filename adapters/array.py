@@ -169,8 +169,11 @@ class BatchRenorm:
         dtype = xp.result_type(x.dtype, xp.float32) if self._dtype is None else self._dtype
         return self._fresh(xp, device_of(x), dtype)
 
-    def forward(self, x: Any, training: bool = True) -> Any:
+    def forward(self, x: Any, training: bool = True, *, mask: Any = None) -> Any:
         """Normalize ``x``: batch renorm in training (updating the state), else inference.
+
+        ``mask`` (boolean, broadcastable to ``x``): in training, only the elements where
+        it is True enter the batch statistics; every element is transformed either way.
 
         Every check runs before anything changes; the new state, parameters and
         residuals are committed together, then a non-finite batch is counted and warned
@@ -179,10 +182,10 @@ class BatchRenorm:
         moving statistics of its non-finite features stay as they were."""
         state, weight, bias = self._bound_to(x)
         if not training:
-            y = forward_infer(x, state, weight, bias, self.config)
+            y = forward_infer(x, state, weight, bias, self.config, mask=mask)
             self.state, self.weight, self.bias = state, weight, bias
             return y
-        y, new_state, residuals = forward_train(x, state, weight, bias, self.config)
+        y, new_state, residuals = forward_train(x, state, weight, bias, self.config, mask=mask)
         xp = namespace_of(x=x)
         skipped = int(xp.sum(xp.astype(~residuals.finite, xp.int32)))
         self.state, self.weight, self.bias, self._residuals = new_state, weight, bias, residuals

@@ -51,7 +51,8 @@ Dtype = Any
 def _normalize(x: jax.Array, state: RenormState, scale: jax.Array | None,
                bias: jax.Array | None, config: RenormConfig, *, training: bool,
                dtype: Dtype | None, axis_name: Hashable | None, axis_index_groups: Any,
-               use_custom_vjp: bool) -> tuple[jax.Array, RenormState, jax.Array | None]:
+               use_custom_vjp: bool,
+               mask: jax.Array | None) -> tuple[jax.Array, RenormState, jax.Array | None]:
     """``(y, new_state, finite)`` with Flax's dtype rule: the output dtype is ``dtype``,
     else the promotion of the input and parameters; the input is widened first when
     that dtype is wider, so no precision is lost on the way."""
@@ -61,10 +62,11 @@ def _normalize(x: jax.Array, state: RenormState, scale: jax.Array | None,
         x, *(p for p in (scale, bias) if p is not None))
     x = x.astype(jnp.promote_types(x.dtype, out_dtype))
     if not training:
-        return renorm_infer(x, state, scale, bias, config).astype(out_dtype), state, None
+        y = renorm_infer(x, state, scale, bias, config, mask=mask)
+        return y.astype(out_dtype), state, None
     y, new_state, finite = renorm_train(x, state, scale, bias, config, axis_name=axis_name,
                                         axis_index_groups=axis_index_groups,
-                                        use_custom_vjp=use_custom_vjp)
+                                        use_custom_vjp=use_custom_vjp, mask=mask)
     return y.astype(out_dtype), new_state, finite
 
 
@@ -121,8 +123,11 @@ class BatchRenorm(nn.Module):
         return _config_of(self)
 
     @nn.compact
-    def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
-        """Normalize ``x``; in training, update ``batch_stats`` (except during ``init``)."""
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None, *,
+                 mask: jax.Array | None = None) -> jax.Array:
+        """Normalize ``x``; in training, update ``batch_stats`` (except during ``init``).
+        ``mask`` (boolean, broadcastable to ``x``) as in ``flax.linen.BatchNorm``: only
+        the elements where it is True enter the batch statistics."""
         use_running_average = nn.merge_param("use_running_average", self.use_running_average,
                                              use_running_average)
         config = self.config()
@@ -144,7 +149,8 @@ class BatchRenorm(nn.Module):
             x, RenormState(mean.value, std.value, step.value), scale, bias, config,
             training=not use_running_average, dtype=self.dtype,
             axis_name=None if initializing else self.axis_name,
-            axis_index_groups=self.axis_index_groups, use_custom_vjp=self.use_custom_vjp)
+            axis_index_groups=self.axis_index_groups, use_custom_vjp=self.use_custom_vjp,
+            mask=mask)
         if finite is not None and not initializing:
             mean.value, std.value, step.value = new_state
             self.sow("intermediates", "finite", finite, reduce_fn=_keep_latest)
@@ -276,8 +282,10 @@ class NnxBatchRenorm(nnx.Module):
         if use_running_average is not None:
             self.use_running_average = use_running_average
 
-    def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
-        """Normalize ``x``; in training, update the ``BatchStat`` state."""
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None, *,
+                 mask: jax.Array | None = None) -> jax.Array:
+        """Normalize ``x``; in training, update the ``BatchStat`` state (``mask`` as in
+        ``BatchRenorm``)."""
         if use_running_average is None:
             use_running_average = self.use_running_average
         if use_running_average is None:
@@ -289,7 +297,8 @@ class NnxBatchRenorm(nnx.Module):
         y, new_state, finite = _normalize(
             x, state, scale, bias, self.config, training=not use_running_average,
             dtype=self.dtype, axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups, use_custom_vjp=self.use_custom_vjp)
+            axis_index_groups=self.axis_index_groups, use_custom_vjp=self.use_custom_vjp,
+            mask=mask)
         if finite is not None:
             self.mean[...], self.std[...], self.step[...] = new_state
             if hasattr(self, "__captures__"):  # inside nnx.capture: sowing is supported

@@ -66,12 +66,13 @@ def _replica_mean(axis_name: Hashable | None, axis_index_groups: Any = None) -> 
     return partial(jax.lax.pmean, axis_name=axis_name, axis_index_groups=axis_index_groups)
 
 
-def _forward(x: jax.Array, state: RenormState, weight: Any, bias: Any,
+def _forward(x: jax.Array, state: RenormState, weight: Any, bias: Any, mask: Any,
              sync: _Sync) -> tuple[jax.Array, RenormState, Residuals]:
     """The core's training forward with JAX's stop-gradient and replica mean."""
     return forward_train(x, state, weight, bias, sync.config,
                          stop_gradient=jax.lax.stop_gradient,
-                         replica_mean=_replica_mean(sync.axis_name, sync.axis_index_groups))
+                         replica_mean=_replica_mean(sync.axis_name, sync.axis_index_groups),
+                         mask=mask)
 
 
 def _zero_cotangent(array: jax.Array) -> jax.Array:
@@ -97,18 +98,19 @@ def _summed_like(cotangent: jax.Array | None, primal: jax.Array | None) -> jax.A
     return jax.lax.psum(cotangent, tuple(extra)) if extra else cotangent
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _train_core_vjp(x: jax.Array, state: RenormState, weight: Any, bias: Any,
+@partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _train_core_vjp(x: jax.Array, state: RenormState, weight: Any, bias: Any, mask: Any,
                     sync: _Sync) -> TrainOutput:
     """Training forward whose gradient is the core's ``backward``."""
-    y, new_state, residuals = _forward(x, state, weight, bias, sync)
+    y, new_state, residuals = _forward(x, state, weight, bias, mask, sync)
     return TrainOutput(y, new_state, residuals.finite)
 
 
-def _train_core_vjp_fwd(x: jax.Array, state: RenormState, weight: Any, bias: Any,
+def _train_core_vjp_fwd(x: jax.Array, state: RenormState, weight: Any, bias: Any, mask: Any,
                         sync: _Sync) -> tuple[TrainOutput, tuple]:
     """Forward rule: the primal inputs are the residuals (see the backward rule)."""
-    return _train_core_vjp(x, state, weight, bias, sync), (x, state, weight, bias)
+    return (_train_core_vjp(x, state, weight, bias, mask, sync),
+            (x, state, weight, bias, mask))
 
 
 def _train_core_vjp_bwd(sync: _Sync, primals: tuple, cotangent: TrainOutput) -> tuple:
@@ -117,13 +119,13 @@ def _train_core_vjp_bwd(sync: _Sync, primals: tuple, cotangent: TrainOutput) -> 
     The residuals are rebuilt by running the forward again on the saved inputs, which
     keeps their static parts (layout, replica mean, ...) out of JAX's residuals; under
     ``jit`` XLA merges the repeated forward with the original one.  The state only
-    enters through stop-gradient, so its cotangent is zero.
+    enters through stop-gradient, so its cotangent is zero, as is the boolean mask's.
     """
-    x, state, weight, bias = primals
-    _, _, residuals = _forward(x, state, weight, bias, sync)
+    x, state, weight, bias, mask = primals
+    _, _, residuals = _forward(x, state, weight, bias, mask, sync)
     dx, dweight, dbias = backward(residuals, cotangent.y)
     return (dx, jax.tree.map(_zero_cotangent, state), _summed_like(dweight, weight),
-            _summed_like(dbias, bias))
+            _summed_like(dbias, bias), jax.tree.map(_zero_cotangent, mask))
 
 
 _train_core_vjp.defvjp(_train_core_vjp_fwd, _train_core_vjp_bwd)
@@ -158,8 +160,11 @@ def _as_jax(x: Any, state: Any, weight: Any, bias: Any) -> tuple:
 def renorm_train(x: jax.Array, state: RenormState, weight: jax.Array | None,
                  bias: jax.Array | None, config: RenormConfig, *,
                  axis_name: Hashable | None = None, axis_index_groups: Any = None,
-                 use_custom_vjp: bool = True) -> TrainOutput:
+                 use_custom_vjp: bool = True, mask: jax.Array | None = None) -> TrainOutput:
     """One training step (Algorithm 1): output, new state and ``finite`` flags.
+
+    ``mask`` (boolean, broadcastable to ``x``, True where an element counts) restricts
+    the batch statistics to the counted elements, as ``flax.linen.BatchNorm``'s.
 
     ``use_custom_vjp=True`` differentiates with the core's backward pass (the faster
     under ``jit``); ``False`` lets JAX differentiate the forward.  ``axis_name`` (and
@@ -170,28 +175,33 @@ def renorm_train(x: jax.Array, state: RenormState, weight: jax.Array | None,
     it without the axis.
     """
     x, state, weight, bias = _as_jax(x, state, weight, bias)
+    mask = None if mask is None else as_jax_array(mask, "mask")
     sync = _Sync(config, axis_name, axis_index_groups)
     if use_custom_vjp:
-        return _train_core_vjp(x, state, weight, bias, sync)
-    y, new_state, residuals = _forward(x, state, weight, bias, sync)
+        return _train_core_vjp(x, state, weight, bias, mask, sync)
+    y, new_state, residuals = _forward(x, state, weight, bias, mask, sync)
     return TrainOutput(y, new_state, residuals.finite)
 
 
 def renorm_infer(x: jax.Array, state: RenormState, weight: jax.Array | None,
-                 bias: jax.Array | None, config: RenormConfig) -> jax.Array:
-    """Inference: ``weight * (x - mean) / std + bias`` with the moving statistics."""
-    return forward_infer(*_as_jax(x, state, weight, bias), config)
+                 bias: jax.Array | None, config: RenormConfig, *,
+                 mask: jax.Array | None = None) -> jax.Array:
+    """Inference: ``weight * (x - mean) / std + bias`` with the moving statistics
+    (``mask`` is checked, and unused: no statistic is computed)."""
+    mask = None if mask is None else as_jax_array(mask, "mask")
+    return forward_infer(*_as_jax(x, state, weight, bias), config, mask=mask)
 
 
 def batch_renorm(x: jax.Array, state: RenormState, weight: jax.Array | None,
                  bias: jax.Array | None, config: RenormConfig, *, training: bool,
                  axis_name: Hashable | None = None, axis_index_groups: Any = None,
-                 use_custom_vjp: bool = True) -> tuple[jax.Array, RenormState]:
+                 use_custom_vjp: bool = True,
+                 mask: jax.Array | None = None) -> tuple[jax.Array, RenormState]:
     """``(y, new_state)``: a training step when ``training``, else inference with the
     state returned unchanged.  ``training`` is a Python bool (static under ``jit``)."""
     if not training:
-        return renorm_infer(x, state, weight, bias, config), state
+        return renorm_infer(x, state, weight, bias, config, mask=mask), state
     y, new_state, _ = renorm_train(x, state, weight, bias, config, axis_name=axis_name,
                                    axis_index_groups=axis_index_groups,
-                                   use_custom_vjp=use_custom_vjp)
+                                   use_custom_vjp=use_custom_vjp, mask=mask)
     return y, new_state
