@@ -35,8 +35,9 @@ class Session(ABC):
     """One case's layer: ``train`` and ``infer`` return host outputs."""
 
     @abstractmethod
-    def train(self, x: np.ndarray, dy: np.ndarray) -> Outputs:
-        """A training step and its backward pass: y, dx, dweight, dbias and state."""
+    def train(self, x: np.ndarray, dy: np.ndarray, mask: np.ndarray | None) -> Outputs:
+        """A training step (statistics over ``mask``'s elements when given) and its
+        backward pass: y, dx, dweight, dbias and state."""
 
     @abstractmethod
     def infer(self, x: np.ndarray) -> Outputs:
@@ -81,8 +82,8 @@ class AdapterBackend(Backend):
     def run(self, case: Case, dtype: str) -> tuple[Outputs, ...]:
         with self.context(), quiet_nonfinite(case):
             layer = self.session(case, dtype)
-            return tuple(layer.train(op.xs[0], op.dys[0]) if op.kind == "train"
-                         else layer.infer(op.xs[0]) for op in case.ops)
+            return tuple(layer.train(op.xs[0], op.dys[0], op.masks[0] if op.masks else None)
+                         if op.kind == "train" else layer.infer(op.xs[0]) for op in case.ops)
 
 
 def _host(arrays: dict[str, Any]) -> Outputs:
@@ -116,8 +117,9 @@ class _ArrayLayerSession(Session):
         return {"mean": state.mean, "std": state.std, "step": state.step,
                 "finite": self.layer.last_finite}
 
-    def train(self, x: np.ndarray, dy: np.ndarray) -> Outputs:
-        y = self.layer.forward(self.base.asarray(x, self.x_dtype), training=True)
+    def train(self, x: np.ndarray, dy: np.ndarray, mask: np.ndarray | None) -> Outputs:
+        mask = None if mask is None else self.base.asarray(mask, self.base.xp.bool)
+        y = self.layer.forward(self.base.asarray(x, self.x_dtype), training=True, mask=mask)
         dx = self.layer.backward(self.base.asarray(dy, self.x_dtype))
         return _host({"y": y, "dx": dx, "dweight": self.layer.grad_weight,
                       "dbias": self.layer.grad_bias, **self._state()})
@@ -176,9 +178,9 @@ class _JaxFunctionalSession(_JaxSession):
         self.weight, self.bias = (self.put(case.weight, self.p_dtype),
                                   self.put(case.bias, self.p_dtype))
 
-        def train(x: Any, state: Any, weight: Any, bias: Any, dy: Any) -> tuple:
+        def train(x: Any, state: Any, weight: Any, bias: Any, dy: Any, mask: Any) -> tuple:
             def forward(x: Any, weight: Any, bias: Any) -> tuple:
-                out = module.renorm_train(x, state, weight, bias, config,
+                out = module.renorm_train(x, state, weight, bias, config, mask=mask,
                                           use_custom_vjp=use_custom_vjp)
                 return out.y, (out.state, out.finite)
             y, pullback, (new_state, finite) = self.jax.vjp(forward, x, weight, bias,
@@ -189,10 +191,10 @@ class _JaxFunctionalSession(_JaxSession):
         self.infer_fn = self.jax.jit(
             lambda x, state, w, b: module.renorm_infer(x, state, w, b, config))
 
-    def train(self, x: np.ndarray, dy: np.ndarray) -> Outputs:
+    def train(self, x: np.ndarray, dy: np.ndarray, mask: np.ndarray | None) -> Outputs:
         (y, dx, dweight, dbias), self.state, finite = self.train_fn(
             self.put(x, self.x_dtype), self.state, self.weight, self.bias,
-            self.put(dy, self.x_dtype))
+            self.put(dy, self.x_dtype), self.put(mask, bool))
         return _host({"y": y, "dx": dx, "dweight": dweight, "dbias": dbias,
                       "mean": self.state.mean, "std": self.state.std,
                       "step": self.state.step, "finite": finite})
@@ -244,10 +246,10 @@ class _FlaxSession(_JaxSession):
                       "std": self.put(case.std, self.p_dtype),
                       "step": self.jnp.asarray(case.step)}
 
-        def train(params: dict, stats: dict, x: Any, dy: Any) -> tuple:
+        def train(params: dict, stats: dict, x: Any, dy: Any, mask: Any) -> tuple:
             def forward(x: Any, params: dict) -> tuple:
                 return layer.apply({"params": params, "batch_stats": stats}, x,
-                                   use_running_average=False,
+                                   use_running_average=False, mask=mask,
                                    mutable=["batch_stats", "intermediates"])
             y, pullback, updates = self.jax.vjp(forward, x, params, has_aux=True)
             dx, dparams = pullback(dy.astype(y.dtype))  # Flax promotes y to the params dtype
@@ -257,9 +259,10 @@ class _FlaxSession(_JaxSession):
         self.infer_fn = self.jax.jit(lambda params, stats, x: layer.apply(
             {"params": params, "batch_stats": stats}, x, use_running_average=True))
 
-    def train(self, x: np.ndarray, dy: np.ndarray) -> Outputs:
+    def train(self, x: np.ndarray, dy: np.ndarray, mask: np.ndarray | None) -> Outputs:
         y, dx, dparams, self.stats, finite = self.train_fn(
-            self.params, self.stats, self.put(x, self.x_dtype), self.put(dy, self.x_dtype))
+            self.params, self.stats, self.put(x, self.x_dtype), self.put(dy, self.x_dtype),
+            self.put(mask, bool))
         return _host({"y": y, "dx": dx, "dweight": dparams.get("scale"),
                       "dbias": dparams.get("bias"), **self.stats, "finite": finite})
 
@@ -295,11 +298,12 @@ class _NnxSession(_JaxSession):
         layer.step[...] = self.jnp.asarray(case.step)
         graphdef, self.params, self.stats = nnx.split(layer, nnx.Param, nnx.BatchStat)
 
-        def train(params: Any, stats: Any, x: Any, dy: Any) -> tuple:
+        def train(params: Any, stats: Any, x: Any, dy: Any, mask: Any) -> tuple:
             def forward(x: Any, params: Any, stats: Any) -> tuple:
                 # stats is a primal (its cotangent unused): nnx mutates it on this trace
                 model = nnx.merge(graphdef, params, stats)
-                y, sown = nnx.capture(model, nnx.Intermediate)(x, use_running_average=False)
+                y, sown = nnx.capture(model, nnx.Intermediate)(x, use_running_average=False,
+                                                               mask=mask)
                 return y, (nnx.state(model, nnx.BatchStat), sown["finite"][...])
             y, pullback, (new_stats, finite) = self.jax.vjp(forward, x, params, stats,
                                                             has_aux=True)
@@ -312,9 +316,10 @@ class _NnxSession(_JaxSession):
         self.pure = nnx.to_pure_dict
         self.train_fn, self.infer_fn = self.jax.jit(train), self.jax.jit(infer)
 
-    def train(self, x: np.ndarray, dy: np.ndarray) -> Outputs:
+    def train(self, x: np.ndarray, dy: np.ndarray, mask: np.ndarray | None) -> Outputs:
         y, dx, dparams, self.stats, finite = self.train_fn(
-            self.params, self.stats, self.put(x, self.x_dtype), self.put(dy, self.x_dtype))
+            self.params, self.stats, self.put(x, self.x_dtype), self.put(dy, self.x_dtype),
+            self.put(mask, bool))
         grads = self.pure(dparams)
         return _host({"y": y, "dx": dx, "dweight": grads.get("scale"),
                       "dbias": grads.get("bias"), **self.pure(self.stats), "finite": finite})
@@ -367,12 +372,12 @@ class _TorchModuleSession(Session):
     def _put(self, array: np.ndarray, grad: bool = False) -> Any:
         return self.torch.tensor(array, dtype=self.x_dtype, requires_grad=grad)
 
-    def train(self, x: np.ndarray, dy: np.ndarray) -> Outputs:
+    def train(self, x: np.ndarray, dy: np.ndarray, mask: np.ndarray | None) -> Outputs:
         layer = self.layer.train()
         for param in layer.parameters():
             param.grad = None
         x = self._put(x, grad=True)
-        y = layer(x)
+        y = layer(x) if mask is None else layer(x, mask=self.torch.from_numpy(mask))
         y.backward(self._put(dy))
         weight, bias = (getattr(layer, "weight", None), getattr(layer, "bias", None))
         return _host({"y": y, "dx": x.grad,
@@ -405,6 +410,8 @@ class TorchModulesBackend(AdapterBackend):
         ndim = case.ops[0].xs[0].ndim
         if isinstance(axis, tuple) or axis % ndim != 1 or not 2 <= ndim <= 5:
             return "torch modules take features on axis 1 of a rank 2 to 5 input"
+        if case.has_masks:
+            return "the torch modules take no mask yet"
         return super().supports(case)
 
     def session(self, case: Case, dtype: str) -> Session:

@@ -38,7 +38,8 @@ _DEFAULT_CONFIG: dict[str, Any] = {
 class Op:
     """One call on the layer.
 
-    ``train``: ``xs = (x,)``, ``dys = (dy,)``; ``infer``: ``xs = (x,)``; ``recurrent``:
+    ``train``: ``xs = (x,)``, ``dys = (dy,)`` and optionally ``masks = (mask,)`` (boolean,
+    broadcastable to x: the elements the statistics count); ``infer``: ``xs = (x,)``; ``recurrent``:
     ``xs`` are the timesteps (one shape), normalized with one state then one deferred
     update; ``recalibrate``: ``xs`` are the batches whose pooled statistics replace the
     state.  ``expected`` maps output names to reference values (empty until filled).
@@ -48,6 +49,7 @@ class Op:
     xs: tuple[np.ndarray, ...]
     dys: tuple[np.ndarray, ...] = ()
     expected: Mapping[str, np.ndarray] = field(default_factory=dict)
+    masks: tuple[np.ndarray, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,11 @@ class Case:
     weight: np.ndarray | None
     bias: np.ndarray | None
     ops: tuple[Op, ...]
+
+    @property
+    def has_masks(self) -> bool:
+        """Whether some training op counts only part of its batch."""
+        return any(op.masks for op in self.ops)
 
     @property
     def has_nonfinite(self) -> bool:
@@ -123,6 +130,13 @@ class _Maker:
     def infer(self, loc: Any = 0.0, scale: Any = 1.0) -> Op:
         return Op("infer", (self.batch(loc, scale),))
 
+    def masked_train(self, mask_shape: tuple[int, ...], loc: Any = 0.0,
+                     scale: Any = 1.0) -> Op:
+        """A training step counting a random ~60% of the elements (at least one each)."""
+        mask = self.rng.random(mask_shape) < 0.6
+        mask[:1] = True
+        return Op("train", (self.batch(loc, scale),), (self.grad(),), masks=(mask,))
+
 
 def _case(name: str, about: str, shape: tuple[int, ...], program: Callable[[_Maker], list[Op]],
           *, affine: bool = True, step: int = 0, state: tuple[Any, Any] | None = None,
@@ -151,6 +165,13 @@ def _nonfinite(m: _Maker) -> list[Op]:
     nan_x[2, 1], inf_x[0, 3], infer_x[3, 2] = np.nan, np.inf, np.nan
     return [Op("train", (nan_x,), (m.grad(),)), Op("train", (inf_x,), (m.grad(),)),
             m.train(), Op("infer", (infer_x,))]
+
+
+def _masked(mask_shape: tuple[int, ...], n: int) -> Callable[[_Maker], list[Op]]:
+    """``n`` masked training steps on shifted data, inference, a step without a mask."""
+    far = {"loc": 1.5, "scale": 2.0}
+    return lambda m: ([m.masked_train(mask_shape, **far) for _ in range(n)]
+                      + [m.infer(**far), m.train(**far)])
 
 
 def _recurrent(m: _Maker) -> list[Op]:
@@ -232,6 +253,13 @@ def build_cases() -> tuple[Case, ...]:
               (8, 2, 3, 3), _steps(3, loc=[2.0, -1.0], scale=[3.0, 0.2]), micro_batch=2,
               r_max=1.5, d_max=0.5),
         _case("output_clip", "output clipped to (-1, 1.25)", (16, 3), _steps(3),
+              output_clip=(-1.0, 1.25)),
+        _case("masked_padded_steps", "mask over (batch, time): padded sequences, rank 3",
+              (8, 3, 5), _masked((8, 1, 5), 3), r_max=1.5, d_max=0.5),
+        _case("masked_elements_micro_batch", "elementwise mask, micro-batches of 4",
+              (16, 3), _masked((16, 3), 3), micro_batch=4, r_max=1.5, d_max=0.5),
+        _case("masked_channels_last_clip", "mask over pixels, channels last, output clip",
+              (4, 3, 3, 2), _masked((4, 3, 3, 1), 2), feature_axis=-1,
               output_clip=(-1.0, 1.25)),
         _case("recurrent_deferred", "deferred updates over 4 timesteps, one with a NaN",
               (6, 3),

@@ -41,7 +41,7 @@ def reference_outputs(case: Case) -> tuple[Outputs, ...]:
     for op in case.ops:
         if op.kind == "train":
             out = reference.train_step(op.xs[0], mean, std, step, weight, bias, op.dys[0],
-                                       **config)
+                                       mask=op.masks[0] if op.masks else None, **config)
             mean, std, step = out["mean"], out["std"], out["step"]
             result = {"y": out["y"], "dx": out["dx"]}
             result.update({k: out[k] for k in ("dweight", "dbias") if out[k] is not None})

@@ -44,6 +44,7 @@ def _case_index(case: Case) -> dict[str, Any]:
         "name": case.name, "about": case.about, "config": dict(case.config),
         "step": case.step, "affine": case.weight is not None,
         "ops": [{"kind": op.kind, "xs": len(op.xs), "dys": len(op.dys),
+                 **({"masks": len(op.masks)} if op.masks else {}),
                  "expected": sorted(op.expected)} for op in case.ops],
     }))
 
@@ -59,6 +60,7 @@ def save(cases: tuple[Case, ...], npz: Path = GOLDEN_NPZ, index: Path = GOLDEN_I
             prefix = f"{case.name}/{i}"
             arrays.update({f"{prefix}/x/{j}": x for j, x in enumerate(op.xs)})
             arrays.update({f"{prefix}/dy/{j}": dy for j, dy in enumerate(op.dys)})
+            arrays.update({f"{prefix}/mask/{j}": mask for j, mask in enumerate(op.masks)})
             arrays.update({f"{prefix}/expected/{k}": v for k, v in op.expected.items()})
     np.savez_compressed(npz, **arrays)
     document = {"format": FORMAT, "cases": [_case_index(case) for case in cases]}
@@ -79,7 +81,8 @@ def _load_case(entry: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Ca
     ops = tuple(
         Op(op["kind"], tuple(get(f"{i}/x/{j}") for j in range(op["xs"])),
            tuple(get(f"{i}/dy/{j}") for j in range(op["dys"])),
-           {k: get(f"{i}/expected/{k}") for k in op["expected"]})
+           {k: get(f"{i}/expected/{k}") for k in op["expected"]},
+           tuple(get(f"{i}/mask/{j}") for j in range(op.get("masks", 0))))
         for i, op in enumerate(entry["ops"]))
     config = {key: _tuples(value) for key, value in entry["config"].items()}
     return Case(name, entry["about"], config, get("mean"), get("std"), entry["step"],
@@ -136,7 +139,7 @@ def drift(old: tuple[Case, ...], new: tuple[Case, ...]) -> list[str]:
                                      0.0)
         for i, (op_a, op_b) in enumerate(zip(a.ops, b.ops, strict=True)):
             where = f"{a.name}/{i}"
-            for kind, tolerance in (("xs", 0.0), ("dys", 0.0)):
+            for kind, tolerance in (("xs", 0.0), ("dys", 0.0), ("masks", 0.0)):
                 for j, (u, v) in enumerate(zip(getattr(op_a, kind), getattr(op_b, kind),
                                                strict=True)):
                     problems += _array_drift(f"{where}/{kind}/{j}", u, v, tolerance)

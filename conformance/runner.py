@@ -91,9 +91,10 @@ def core_steps(config: RenormConfig, stop_gradient: Callable[[Any], Any] | None)
     """The core's training step (forward and backward), inference, deferred recurrent
     update and recalibration under ``config``."""
 
-    def train(x: Any, state: RenormState, weight: Any, bias: Any, dy: Any) -> tuple:
+    def train(x: Any, state: RenormState, weight: Any, bias: Any, dy: Any,
+              mask: Any = None) -> tuple:
         y, new_state, residuals = forward_train(x, state, weight, bias, config,
-                                                stop_gradient=stop_gradient)
+                                                stop_gradient=stop_gradient, mask=mask)
         return (y, *backward(residuals, dy)), new_state, residuals.finite
 
     def infer(x: Any, state: RenormState, weight: Any, bias: Any) -> Any:
@@ -136,8 +137,9 @@ def run_core(case: Case, dtype: str, hooks: CoreHooks) -> tuple[Outputs, ...]:
     results: list[Outputs] = []
     for op in case.ops:
         if op.kind == "train":
+            masks = tuple(hooks.asarray(mask, xp.bool) for mask in op.masks)
             (y, dx, dweight, dbias), state, finite = steps.train(
-                *inputs(op.xs), state, weight, bias, *inputs(op.dys))
+                *inputs(op.xs), state, weight, bias, *inputs(op.dys), *masks)
             out = {"y": y, "dx": dx, "dweight": dweight, "dbias": dbias,
                    **_state(state, finite)}
         elif op.kind == "infer":
