@@ -202,9 +202,10 @@ def test_recalibrate_with_every_rank_empty_raises_on_every_rank(ranks):
 # path's collectives and its float32 accuracy at a large offset
 
 UNEVEN = {"empty-rank": (0, 0, 8), "one-row-rank": (0, 1, 8), "one-row-in-total": (0, 1, 1)}
-OFFSET_CASES = {"nchw": ((16, 4, 3, 3), False), "channels-last": ((16, 4, 3, 3), True),
-                "rows": ((64, 4), False)}
-OFFSET_SPLIT = (0, 5, 16)  # unequal: 5 and 11 rows (rows case: scaled by 4)
+# large enough that float32 running sums over the rows lose the mean at this offset
+OFFSET_CASES = {"nchw": ((32, 4, 16, 16), False), "channels-last": ((32, 4, 16, 16), True),
+                "rows": ((8192, 4), False)}
+OFFSET_SPLIT = (0, 5, 16)  # unequal: 5 and 11 sixteenths of the rows
 OFFSET_OPTIONS = {"momentum": 0.3, "r_max": 1.5, "d_max": 1.0}
 
 
