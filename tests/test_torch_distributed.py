@@ -29,6 +29,7 @@ from test_torch_support import (  # noqa: E402
 )
 from torch import nn  # noqa: E402
 
+from portable_brn import schedules  # noqa: E402
 from portable_brn.adapters.torch import BatchRenorm2d, SyncBatchRenorm, recalibrate  # noqa: E402
 from portable_brn.conformance import reference  # noqa: E402
 
@@ -205,6 +206,8 @@ UNEVEN = {"empty-rank": (0, 0, 8), "one-row-rank": (0, 1, 8), "one-row-in-total"
 # large enough that float32 running sums over the rows lose the mean at this offset
 OFFSET_CASES = {"nchw": ((32, 4, 16, 16), False), "channels-last": ((32, 4, 16, 16), True),
                 "rows": ((8192, 4), False)}
+SCHEDULED = {**OPTIONS, "warmup_steps": 1, "d_max": schedules.linear(0.0, 1.0, 0, 2),
+             "r_max": schedules.linear(1.0, 1.5, 1, 3)}
 OFFSET_SPLIT = (0, 5, 16)  # unequal: 5 and 11 sixteenths of the rows
 OFFSET_OPTIONS = {"momentum": 0.3, "r_max": 1.5, "d_max": 1.0}
 
@@ -267,6 +270,9 @@ def _uneven_worker(rank: int, port: int, out_dir: str) -> None:
                 results[case, config] = [_step_or_error(layer, *_rows_input(step, rows))
                                          for step in range(2)]
         rows = slice(UNEVEN["one-row-rank"][rank], UNEVEN["one-row-rank"][rank + 1])
+        scheduled = random_affine(SyncBatchRenorm(3, **SCHEDULED))
+        results["scheduled"] = [_step_or_error(scheduled, *_rows_input(step, rows))
+                                for step in range(2)]
         stateless = random_affine(SyncBatchRenorm(3, track_running_stats=False,
                                                   dtype=torch.float64))
         results["stateless"] = _step_or_error(stateless, *_rows_input(0, rows))
@@ -322,12 +328,14 @@ def _reference_rows_steps(options):
     return steps
 
 
-@pytest.mark.parametrize("case", ["empty-rank", "one-row-rank"])
+@pytest.mark.parametrize("case", ["empty-rank", "one-row-rank", "scheduled"])
 def test_an_empty_or_one_row_rank_gets_the_global_result(uneven_ranks, case):
     """Rank 0 holds 0 rows or 1 row of the (8, 3) batch: no hang, and both ranks compute
-    the float64 reference's step on the whole batch."""
-    for step, expected in enumerate(_reference_rows_steps(OPTIONS)):
-        per_rank = [r[case, "plain"][step] for r in uneven_ranks]
+    the float64 reference's step on the whole batch (also under warm-up and schedules)."""
+    options = SCHEDULED if case == "scheduled" else OPTIONS
+    for step, expected in enumerate(_reference_rows_steps(options)):
+        per_rank = [r[case] if case == "scheduled" else r[case, "plain"] for r in uneven_ranks]
+        per_rank = [r[step] for r in per_rank]
         for name in ("y", "dx"):
             assert is_close(torch.cat([r[name] for r in per_rank]), expected[name], 1e-12)
         for name in ("dweight", "dbias"):
