@@ -29,6 +29,7 @@ from test_torch_support import (  # noqa: E402
 )
 from torch import nn  # noqa: E402
 
+from portable_brn import schedules  # noqa: E402
 from portable_brn.adapters.torch import BatchRenorm2d, SyncBatchRenorm, recalibrate  # noqa: E402
 from portable_brn.conformance import reference  # noqa: E402
 
@@ -202,9 +203,12 @@ def test_recalibrate_with_every_rank_empty_raises_on_every_rank(ranks):
 # path's collectives and its float32 accuracy at a large offset
 
 UNEVEN = {"empty-rank": (0, 0, 8), "one-row-rank": (0, 1, 8), "one-row-in-total": (0, 1, 1)}
-OFFSET_CASES = {"nchw": ((16, 4, 3, 3), False), "channels-last": ((16, 4, 3, 3), True),
-                "rows": ((64, 4), False)}
-OFFSET_SPLIT = (0, 5, 16)  # unequal: 5 and 11 rows (rows case: scaled by 4)
+# large enough that float32 running sums over the rows lose the mean at this offset
+OFFSET_CASES = {"nchw": ((32, 4, 16, 16), False), "channels-last": ((32, 4, 16, 16), True),
+                "rows": ((8192, 4), False)}
+SCHEDULED = {**OPTIONS, "warmup_steps": 1, "d_max": schedules.linear(0.0, 1.0, 0, 2),
+             "r_max": schedules.linear(1.0, 1.5, 1, 3)}
+OFFSET_SPLIT = (0, 5, 16)  # unequal: 5 and 11 sixteenths of the rows
 OFFSET_OPTIONS = {"momentum": 0.3, "r_max": 1.5, "d_max": 1.0}
 
 
@@ -226,9 +230,12 @@ def _step_or_error(layer, x, grad):
                         for name, value in before.items())
         return {"error": str(error), "unchanged": unchanged}
     y.backward(grad)
-    return {"y": y.detach(), "dx": x.grad, "dweight": layer.weight.grad.clone(),
-            "dbias": layer.bias.grad.clone(), "mean": layer.running_mean.clone(),
-            "std": layer.running_std.clone(), "step": layer.num_batches_tracked.clone()}
+    results = {"y": y.detach(), "dx": x.grad, "dweight": layer.weight.grad.clone(),
+               "dbias": layer.bias.grad.clone()}
+    if layer.track_running_stats:
+        results.update(mean=layer.running_mean.clone(), std=layer.running_std.clone(),
+                       step=layer.num_batches_tracked.clone())
+    return results
 
 
 def _offset_batch(shape, channels_last, seed):
@@ -262,6 +269,13 @@ def _uneven_worker(rank: int, port: int, out_dir: str) -> None:
                 layer = random_affine(SyncBatchRenorm(3, **CONFIGS[config]))
                 results[case, config] = [_step_or_error(layer, *_rows_input(step, rows))
                                          for step in range(2)]
+        rows = slice(UNEVEN["one-row-rank"][rank], UNEVEN["one-row-rank"][rank + 1])
+        scheduled = random_affine(SyncBatchRenorm(3, **SCHEDULED))
+        results["scheduled"] = [_step_or_error(scheduled, *_rows_input(step, rows))
+                                for step in range(2)]
+        stateless = random_affine(SyncBatchRenorm(3, track_running_stats=False,
+                                                  dtype=torch.float64))
+        results["stateless"] = _step_or_error(stateless, *_rows_input(0, rows))
         for case, (shape, channels_last) in OFFSET_CASES.items():
             scale = shape[0] // 16
             rows = slice(OFFSET_SPLIT[rank] * scale, OFFSET_SPLIT[rank + 1] * scale)
@@ -314,12 +328,14 @@ def _reference_rows_steps(options):
     return steps
 
 
-@pytest.mark.parametrize("case", ["empty-rank", "one-row-rank"])
+@pytest.mark.parametrize("case", ["empty-rank", "one-row-rank", "scheduled"])
 def test_an_empty_or_one_row_rank_gets_the_global_result(uneven_ranks, case):
     """Rank 0 holds 0 rows or 1 row of the (8, 3) batch: no hang, and both ranks compute
-    the float64 reference's step on the whole batch."""
-    for step, expected in enumerate(_reference_rows_steps(OPTIONS)):
-        per_rank = [r[case, "plain"][step] for r in uneven_ranks]
+    the float64 reference's step on the whole batch (also under warm-up and schedules)."""
+    options = SCHEDULED if case == "scheduled" else OPTIONS
+    for step, expected in enumerate(_reference_rows_steps(options)):
+        per_rank = [r[case] if case == "scheduled" else r[case, "plain"] for r in uneven_ranks]
+        per_rank = [r[step] for r in per_rank]
         for name in ("y", "dx"):
             assert is_close(torch.cat([r[name] for r in per_rank]), expected[name], 1e-12)
         for name in ("dweight", "dbias"):
@@ -328,6 +344,21 @@ def test_an_empty_or_one_row_rank_gets_the_global_result(uneven_ranks, case):
             assert is_close(per_rank[0][name], expected[name], 1e-12)
             assert torch.equal(per_rank[0][name], per_rank[1][name])
         assert int(per_rank[0]["step"]) == int(per_rank[1]["step"]) == step + 1
+
+
+def test_without_running_stats_it_is_batch_norm_of_the_global_batch(uneven_ranks):
+    """track_running_stats=False, 1 row and 7 rows: torch's batch norm of all 8 rows."""
+    layer = random_affine(SyncBatchRenorm(3, track_running_stats=False, dtype=torch.float64))
+    x, grad = _rows_input(0, slice(0, 8))
+    x.requires_grad_(True)
+    expected = torch.nn.functional.batch_norm(x, None, None, layer.weight, layer.bias, True,
+                                              0.0, layer.eps)
+    expected.backward(grad)
+    per_rank = [r["stateless"] for r in uneven_ranks]
+    assert is_close(torch.cat([r["y"] for r in per_rank]), expected, 1e-12)
+    assert is_close(torch.cat([r["dx"] for r in per_rank]), x.grad, 1e-12)
+    assert is_close(sum(r["dweight"] for r in per_rank), layer.weight.grad, 1e-12)
+    assert is_close(sum(r["dbias"] for r in per_rank), layer.bias.grad, 1e-12)
 
 
 def test_one_row_in_total_raises_the_same_error_on_every_rank(uneven_ranks):
@@ -351,7 +382,7 @@ def test_the_generic_path_raises_on_every_rank_when_one_rank_cannot_run(uneven_r
         assert "process 0: " in outcomes[0][step]["error"]
 
 
-def _float64_step(x, grad, layer_options, step_state):
+def _float64_step(x, grad, step_state):
     """The float64 reference's step on a float32 global batch (its exact values)."""
     layer = random_affine(SyncBatchRenorm(4, **OFFSET_OPTIONS))
     mean, std = step_state
@@ -369,15 +400,14 @@ def test_native_path_at_a_large_offset_is_float32_accurate_with_one_collective_e
     state = (np.zeros(4), np.ones(4))
     for step in range(2):
         x, grad = _offset_batch(shape, channels_last, step)
-        expected = _float64_step(x, grad, OFFSET_OPTIONS, state)
-        expected_step = {**expected}
+        expected = _float64_step(x, grad, state)
         per_rank = [r["offset", case][step] for r in uneven_ranks]
         for name in ("y", "dx"):
-            assert is_close(torch.cat([r[name] for r in per_rank]), expected_step[name], 1e-5)
+            assert is_close(torch.cat([r[name] for r in per_rank]), expected[name], 1e-5)
         for name in ("dweight", "dbias"):
-            assert is_close(sum(r[name] for r in per_rank), expected_step[name], 1e-5)
+            assert is_close(sum(r[name] for r in per_rank), expected[name], 1e-5)
         for name in ("mean", "std"):
-            assert is_close(per_rank[0][name], expected_step[name], 1e-5)
+            assert is_close(per_rank[0][name], expected[name], 1e-5)
             assert torch.equal(per_rank[0][name], per_rank[1][name])
         for r in per_rank:
             assert r["collectives"] == (1, 1)
