@@ -323,9 +323,8 @@ def _import(module: str, package: str) -> Callable[[], tuple[Any, Any]]:
 
 
 def numpy_backend() -> CoreBackend:
-    return CoreBackend("numpy", "NumPy, the kernel it gets by default (Numba where it "
-                       "imports, else ufuncs)", ("float64", "float32", "float16"),
-                       lambda: (np, None))
+    return CoreBackend("numpy", "NumPy, its default kernel (Numba, else ufuncs)",
+                       ("float64", "float32", "float16"), lambda: (np, None))
 
 
 def torch_backend() -> CoreBackend:
