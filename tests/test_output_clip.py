@@ -132,7 +132,7 @@ def test_the_at_bound_rule_shows_in_dx(name: str) -> None:
 
 def _runs() -> list:
     return [pytest.param(b, c, d, id=f"{b}-{c}-{d}") for b in BACKENDS for c in CASES
-            for d in ("float64", "float32") if d in BACKENDS[b].dtypes and b != "dask"]
+            for d in ("float64", "float32") if d in BACKENDS[b].dtypes]
 
 
 @pytest.mark.parametrize(("backend", "case", "dtype"), _runs())
