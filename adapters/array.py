@@ -69,8 +69,9 @@ def _host_entry(key: str, value: Any) -> np.ndarray:
 
 def _checked_entry(xp: Any, key: str, value: np.ndarray, like: Any) -> None:
     """Refuse a loaded value the layer could not use as ``like``: wrong shape, a
-    statistic or parameter that is not real floating and finite (a ``running_std`` at 0
-    or below), a step that is not a non-negative integer of ``like``'s range."""
+    statistic or parameter that is not real floating, finite and within ``like``'s
+    dtype (a ``running_std`` at 0 or below), a step that is not a non-negative integer
+    of ``like``'s range."""
     if value.shape != tuple(like.shape):
         raise ValueError(f"{key} has shape {value.shape}, expected {tuple(like.shape)}")
     if key == "num_batches_tracked":
@@ -86,6 +87,8 @@ def _checked_entry(xp: Any, key: str, value: np.ndarray, like: Any) -> None:
         raise TypeError(f"{key} must have a real floating dtype, got {value.dtype}")
     if not np.all(np.isfinite(value)):
         raise ValueError(f"{key} holds NaN or Inf")
+    if float(np.max(np.abs(value), initial=0.0)) > float(xp.finfo(like.dtype).max):
+        raise ValueError(f"{key} overflows the layer's {like.dtype}")
     if key == "running_std" and not np.all(value > 0):
         raise ValueError(f"running_std must be positive, got a minimum of {value.min()!r}")
 
@@ -256,8 +259,6 @@ class BatchRenorm:
             if key == "num_batches_tracked":
                 value = int(value)
             loaded[key] = xp.asarray(value, dtype=current[key].dtype, device=dev)
-            if key != "num_batches_tracked" and not bool(xp.all(xp.isfinite(loaded[key]))):
-                raise ValueError(f"{key} overflows the layer's {current[key].dtype}")
         if not bool(xp.all(loaded["running_std"] > 0)):
             raise ValueError(f"running_std underflows to 0 in the layer's {self.dtype}")
         self.state = RenormState(*(loaded[k] for k in _STATE_KEYS))
