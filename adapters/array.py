@@ -200,8 +200,8 @@ class BatchRenorm:
         if skipped:
             self.nonfinite_batches += 1
             warnings.warn(f"BatchRenorm: non-finite batch statistics in {skipped} feature(s);"
-                          " their moving statistics were not updated", RuntimeWarning,
-                          stacklevel=2)
+                          " their moving statistics were not updated (the step was)",
+                          RuntimeWarning, stacklevel=2)
         return y
 
     __call__ = forward

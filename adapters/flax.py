@@ -14,7 +14,8 @@ renormalization options (``r_max``, ``d_max``, ``r_min``, ``warmup_steps``,
 
 ``epsilon`` defaults to 1e-3 (the core's, TF's and Keras' renorm default) rather than
 Flax's 1e-5.  Per-feature ``finite`` flags (False where a batch statistic was NaN or
-Inf and the state was kept) are sown as ``finite`` into the ``intermediates`` collection
+Inf and the statistics were kept; ``step`` advances on every training call all the
+same) are sown as ``finite`` into the ``intermediates`` collection
 (linen, when it is mutable) or ``nnx.Intermediate`` (nnx, under ``nnx.capture``).
 """
 

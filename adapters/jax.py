@@ -38,7 +38,8 @@ __all__ = ["RenormState", "TrainOutput", "XlaKernel", "as_jax_array", "batch_ren
 
 class TrainOutput(NamedTuple):
     """A training step's output, new state and per-feature ``finite`` flags (False
-    where the batch statistic was NaN or Inf and the state was therefore kept)."""
+    where the batch statistic was NaN or Inf and the statistics were therefore kept; the
+    step counter advances on every training call all the same)."""
 
     y: jax.Array
     state: RenormState
