@@ -21,6 +21,7 @@ same) are sown as ``finite`` into the ``intermediates`` collection
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from collections.abc import Hashable
 from typing import Any
@@ -44,18 +45,23 @@ Initializer = Any
 Dtype = Any
 
 
-def _renorm_config(axis: int | tuple[int, ...], momentum: float, epsilon: float,
-                  r_max: ScheduleLike, d_max: ScheduleLike, r_min: ScheduleLike | None,
-                  warmup_steps: int, micro_batch: int | None,
-                  output_clip: tuple[float, float] | None) -> RenormConfig:
-    """The core's configuration from Flax's arguments; ``momentum`` is Flax's decay."""
+def _update_rate(momentum: float) -> float:
+    """The core's momentum (update rate) from Flax's (decay), after checking it."""
     if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
         raise TypeError(f"momentum must be a real number, got {momentum!r}")
     if not 0.0 <= momentum < 1.0:
         raise ValueError(f"momentum is the decay of the old statistics (Flax convention) and "
                          f"must be in [0, 1), got {momentum!r}")
-    return RenormConfig(feature_axis=axis, eps=epsilon, momentum=1.0 - momentum, r_max=r_max,
-                        d_max=d_max, r_min=r_min, warmup_steps=warmup_steps,
+    return 1.0 - momentum
+
+
+def _renorm_config(axis: int | tuple[int, ...], momentum: float, epsilon: float,
+                  r_max: ScheduleLike, d_max: ScheduleLike, r_min: ScheduleLike | None,
+                  warmup_steps: int, micro_batch: int | None,
+                  output_clip: tuple[float, float] | None) -> RenormConfig:
+    """The core's configuration from Flax's arguments; ``momentum`` is Flax's decay."""
+    return RenormConfig(feature_axis=axis, eps=epsilon, momentum=_update_rate(momentum),
+                        r_max=r_max, d_max=d_max, r_min=r_min, warmup_steps=warmup_steps,
                         micro_batch=micro_batch, output_clip=output_clip)
 
 
@@ -82,6 +88,16 @@ def _normalize(x: jax.Array, state: RenormState, scale: jax.Array | None,
 def _keep_latest(_previous: Any, latest: Any) -> Any:
     """Sow reducer: the flags of the latest call replace earlier ones."""
     return latest
+
+
+def _check_stat_names(stats: Any) -> None:
+    """``batch_stats`` must hold exactly what ``init`` made: a missing entry would be
+    made afresh in a mutable apply, an extra one carried along unused."""
+    present, wanted = set(stats), {"mean", "std", "step"}
+    if present != wanted:
+        raise ValueError(f"batch_stats must hold mean, std and step (as init returns them): "
+                         f"missing {sorted(wanted - present)}, unexpected "
+                         f"{sorted(present - wanted)}")
 
 
 def _fresh_state(feature_shape: tuple[int, ...], param_dtype: Dtype) -> RenormState:
@@ -136,6 +152,8 @@ class BatchRenorm(nn.Module):
         use_running_average = nn.merge_param("use_running_average", self.use_running_average,
                                              use_running_average)
         config = self.config()
+        if not self.is_initializing():
+            _check_stat_names(self.variables.get("batch_stats", {}))
         shape = make_layout(x.shape, self.axis, training=False).feature_shape
         fresh = _fresh_state(shape, self.param_dtype)
         mean = self.variable("batch_stats", "mean", lambda: fresh.mean)
@@ -157,13 +175,40 @@ class BatchRenorm(nn.Module):
         return y
 
 
+# NnxBatchRenorm's constructor options held in its ``config`` (Flax name: core name), and
+# those fixed by the variables it created.
+_CONFIG_OPTIONS = {"axis": "feature_axis", "epsilon": "eps", "momentum": "momentum",
+                   "r_max": "r_max", "d_max": "d_max", "r_min": "r_min",
+                   "warmup_steps": "warmup_steps", "micro_batch": "micro_batch",
+                   "output_clip": "output_clip"}
+_FIXED_OPTIONS = ("num_features", "param_dtype", "use_bias", "use_scale", "bias_init",
+                  "scale_init")
+
+
 class NnxBatchRenorm(nnx.Module):
     """``flax.nnx`` Batch Renormalization, a drop-in for ``flax.nnx.BatchNorm``.
 
     State is ``mean``, ``std`` and ``step`` as ``nnx.BatchStat``; ``scale`` and ``bias``
     are ``nnx.Param``.  ``.train()``/``.eval()`` and ``nnx.view`` set
-    ``use_running_average``.  Other arguments as in ``BatchRenorm``.
+    ``use_running_average``.  Other arguments as in ``BatchRenorm``.  Setting an option
+    after construction (``layer.r_max = 2.0``, ``layer.momentum = 0.9`` in Flax's meaning)
+    checks it and updates ``config``, used from the next call; the options that shaped
+    the variables (``num_features``, ``param_dtype``, ``use_bias``, ...) are read-only.
     """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Keep ``config`` in step with the options set after construction."""
+        if "config" in vars(self):
+            if name in _FIXED_OPTIONS:
+                raise AttributeError(f"NnxBatchRenorm.{name} cannot be changed: it shaped "
+                                     f"the layer's variables; make a new layer")
+            if name in _CONFIG_OPTIONS:
+                core = _update_rate(value) if name == "momentum" else value
+                super().__setattr__("config", dataclasses.replace(
+                    self.config, **{_CONFIG_OPTIONS[name]: core}))
+                if isinstance(getattr(type(self), name, None), property):
+                    return  # a read-only view of config: nothing more to store
+        super().__setattr__(name, value)
 
     def __init__(self, num_features: int, *, use_running_average: bool | None = False,
                  axis: int = -1, momentum: float = 0.99, epsilon: float = 1e-3,
@@ -177,6 +222,7 @@ class NnxBatchRenorm(nnx.Module):
                  micro_batch: int | None = None,
                  output_clip: tuple[float, float] | None = None,
                  use_custom_vjp: bool = True, rngs: nnx.Rngs) -> None:
+        self.num_features = num_features  # before config: read-only from then on
         self.config = _renorm_config(axis, momentum, epsilon, r_max, d_max, r_min,
                                      warmup_steps, micro_batch, output_clip)
         shape = (num_features,)
@@ -188,7 +234,6 @@ class NnxBatchRenorm(nnx.Module):
                       else nnx.data(None))
         self.bias = (nnx.Param(bias_init(rngs.params(), shape, param_dtype)) if use_bias
                      else nnx.data(None))
-        self.num_features = num_features
         self.use_running_average = use_running_average
         self.dtype = dtype
         self.axis_name = axis_name
