@@ -187,17 +187,19 @@ def as_jax_array(value: Any, name: str) -> jax.Array:
 def _check_state(state: RenormState) -> None:
     """The step must be a 0-d integer array (static facts, checked under ``jit`` too).
     Values are checked only where they are known, outside ``jit`` (traced values cannot
-    be looked at): finite statistics, a positive std, a non-negative step."""
+    be looked at; under ``jit`` a bad value gives whatever the arithmetic gives): finite
+    statistics, a positive std, a non-negative step."""
     step = state.step
     if not jnp.issubdtype(step.dtype, jnp.integer):
         raise TypeError(f"state.step must be an integer array, got {step.dtype}")
     if step.shape != ():
         raise ValueError(f"state.step must be 0-d, got shape {step.shape}")
-    if any(isinstance(a, jax.core.Tracer) for a in state):
+    if any(isinstance(a, jax.core.Tracer) or not a.is_fully_addressable for a in state):
         return
-    if not bool(jnp.all(jnp.isfinite(state.mean))):
+    mean, std = np.asarray(state.mean), np.asarray(state.std)  # host copies: no traced op
+    if not np.all(np.isfinite(mean)):
         raise ValueError("state.mean holds NaN or Inf")
-    if not bool(jnp.all(jnp.isfinite(state.std) & (state.std > 0))):
+    if not np.all(np.isfinite(std) & (std > 0)):
         raise ValueError("state.std must be positive and finite")
     if int(step) < 0:
         raise ValueError(f"state.step must be non-negative, got {int(step)}")
