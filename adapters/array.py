@@ -107,28 +107,33 @@ class BatchRenorm:
     read-only.
     """
 
-    feature_axis, eps, momentum = (_setting("feature_axis"), _setting("eps"),
-                                   _setting("momentum"))
-    r_max, d_max, r_min = _setting("r_max"), _setting("d_max"), _setting("r_min")
-    warmup_steps, micro_batch = _setting("warmup_steps"), _setting("micro_batch")
+    feature_axis = _setting("feature_axis")
+    eps = _setting("eps")
+    momentum = _setting("momentum")
+    r_max = _setting("r_max")
+    d_max = _setting("d_max")
+    r_min = _setting("r_min")
+    warmup_steps = _setting("warmup_steps")
+    micro_batch = _setting("micro_batch")
     output_clip = _setting("output_clip")
-    num_features = _read_only("num_features", "it is the shape of the state; make a new layer",
-                              lambda self: self._num_features,
-                              "The size (or sizes) of the feature axes.")
-    affine = _read_only("affine", "weight and bias exist or not; make a new layer",
-                        lambda self: self._affine, "Whether the layer has a weight and a bias.")
-    xp = _read_only("xp", _WHERE,
-                    lambda self: None if self.state is None else namespace_of(
-                        mean=self.state.mean),
-                    "The namespace of the state and parameters (None before the first call).")
-    dtype = _read_only("dtype", _WHERE,
-                       lambda self: self._dtype if self.state is None else self.state.mean.dtype,
-                       "The dtype of the moving statistics (None before the first call "
-                       "unless given).")
-    device = _read_only("device", _WHERE,
-                        lambda self: None if self.state is None else device_of(
-                            self.state.mean),
-                        "The device of the state and parameters (None before the first call).")
+    num_features = _read_only(
+        "num_features", "it is the shape of the state; make a new layer",
+        lambda self: self._num_features, "The size (or sizes) of the feature axes.")
+    affine = _read_only(
+        "affine", "weight and bias exist or not; make a new layer",
+        lambda self: self._affine, "Whether the layer has a weight and a bias.")
+    xp = _read_only(
+        "xp", _WHERE, lambda self: None if self.state is None else namespace_of(
+            mean=self.state.mean),
+        "The namespace of the state and parameters (None before the first call).")
+    dtype = _read_only(
+        "dtype", _WHERE,
+        lambda self: self._dtype if self.state is None else self.state.mean.dtype,
+        "The dtype of the moving statistics (None before the first call unless given).")
+    device = _read_only(
+        "device", _WHERE, lambda self: None if self.state is None else device_of(
+            self.state.mean),
+        "The device of the state and parameters (None before the first call).")
 
     def __init__(self, num_features: int | tuple[int, ...], *, feature_axis: Any = 1,
                  affine: bool = True, xp: Any = None, dtype: Any = None, device: Any = None,
