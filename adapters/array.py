@@ -63,8 +63,9 @@ def _host_entry(key: str, value: Any) -> np.ndarray:
 
 def _checked_entry(xp: Any, key: str, value: np.ndarray, like: Any) -> None:
     """Refuse a loaded value the layer could not use as ``like``: wrong shape, a
-    statistic or parameter that is not real floating and finite (a ``running_std`` at 0
-    or below), a step that is not a non-negative integer of ``like``'s range."""
+    statistic or parameter that is not real floating, finite and within ``like``'s
+    dtype (a ``running_std`` at 0 or below), a step that is not a non-negative integer
+    of ``like``'s range."""
     if value.shape != tuple(like.shape):
         raise ValueError(f"{key} has shape {value.shape}, expected {tuple(like.shape)}")
     if key == "num_batches_tracked":
@@ -80,6 +81,8 @@ def _checked_entry(xp: Any, key: str, value: np.ndarray, like: Any) -> None:
         raise TypeError(f"{key} must have a real floating dtype, got {value.dtype}")
     if not np.all(np.isfinite(value)):
         raise ValueError(f"{key} holds NaN or Inf")
+    if float(np.max(np.abs(value), initial=0.0)) > float(xp.finfo(like.dtype).max):
+        raise ValueError(f"{key} overflows the layer's {like.dtype}")
     if key == "running_std" and not np.all(value > 0):
         raise ValueError(f"running_std must be positive, got a minimum of {value.min()!r}")
 
@@ -98,28 +101,33 @@ class BatchRenorm:
     read-only.
     """
 
-    feature_axis, eps, momentum = (_setting("feature_axis"), _setting("eps"),
-                                   _setting("momentum"))
-    r_max, d_max, r_min = _setting("r_max"), _setting("d_max"), _setting("r_min")
-    warmup_steps, micro_batch = _setting("warmup_steps"), _setting("micro_batch")
+    feature_axis = _setting("feature_axis")
+    eps = _setting("eps")
+    momentum = _setting("momentum")
+    r_max = _setting("r_max")
+    d_max = _setting("d_max")
+    r_min = _setting("r_min")
+    warmup_steps = _setting("warmup_steps")
+    micro_batch = _setting("micro_batch")
     output_clip = _setting("output_clip")
-    num_features = _read_only("num_features", "it is the shape of the state; make a new layer",
-                              lambda self: self._num_features,
-                              "The size (or sizes) of the feature axes.")
-    affine = _read_only("affine", "weight and bias exist or not; make a new layer",
-                        lambda self: self._affine, "Whether the layer has a weight and a bias.")
-    xp = _read_only("xp", _WHERE,
-                    lambda self: None if self.state is None else namespace_of(
-                        mean=self.state.mean),
-                    "The namespace of the state and parameters (None before the first call).")
-    dtype = _read_only("dtype", _WHERE,
-                       lambda self: self._dtype if self.state is None else self.state.mean.dtype,
-                       "The dtype of the moving statistics (None before the first call "
-                       "unless given).")
-    device = _read_only("device", _WHERE,
-                        lambda self: None if self.state is None else device_of(
-                            self.state.mean),
-                        "The device of the state and parameters (None before the first call).")
+    num_features = _read_only(
+        "num_features", "it is the shape of the state; make a new layer",
+        lambda self: self._num_features, "The size (or sizes) of the feature axes.")
+    affine = _read_only(
+        "affine", "weight and bias exist or not; make a new layer",
+        lambda self: self._affine, "Whether the layer has a weight and a bias.")
+    xp = _read_only(
+        "xp", _WHERE, lambda self: None if self.state is None else namespace_of(
+            mean=self.state.mean),
+        "The namespace of the state and parameters (None before the first call).")
+    dtype = _read_only(
+        "dtype", _WHERE,
+        lambda self: self._dtype if self.state is None else self.state.mean.dtype,
+        "The dtype of the moving statistics (None before the first call unless given).")
+    device = _read_only(
+        "device", _WHERE, lambda self: None if self.state is None else device_of(
+            self.state.mean),
+        "The device of the state and parameters (None before the first call).")
 
     def __init__(self, num_features: int | tuple[int, ...], *, feature_axis: Any = 1,
                  affine: bool = True, xp: Any = None, dtype: Any = None, device: Any = None,
@@ -192,8 +200,8 @@ class BatchRenorm:
         if skipped:
             self.nonfinite_batches += 1
             warnings.warn(f"BatchRenorm: non-finite batch statistics in {skipped} feature(s);"
-                          " their moving statistics were not updated", RuntimeWarning,
-                          stacklevel=2)
+                          " their moving statistics were not updated (the step was)",
+                          RuntimeWarning, stacklevel=2)
         return y
 
     __call__ = forward
@@ -251,8 +259,6 @@ class BatchRenorm:
             if key == "num_batches_tracked":
                 value = int(value)
             loaded[key] = xp.asarray(value, dtype=current[key].dtype, device=dev)
-            if key != "num_batches_tracked" and not bool(xp.all(xp.isfinite(loaded[key]))):
-                raise ValueError(f"{key} overflows the layer's {current[key].dtype}")
         if not bool(xp.all(loaded["running_std"] > 0)):
             raise ValueError(f"running_std underflows to 0 in the layer's {self.dtype}")
         self.state = RenormState(*(loaded[k] for k in _STATE_KEYS))

@@ -14,12 +14,14 @@ renormalization options (``r_max``, ``d_max``, ``r_min``, ``warmup_steps``,
 
 ``epsilon`` defaults to 1e-3 (the core's, TF's and Keras' renorm default) rather than
 Flax's 1e-5.  Per-feature ``finite`` flags (False where a batch statistic was NaN or
-Inf and the state was kept) are sown as ``finite`` into the ``intermediates`` collection
+Inf and the statistics were kept; ``step`` advances on every training call all the
+same) are sown as ``finite`` into the ``intermediates`` collection
 (linen, when it is mutable) or ``nnx.Intermediate`` (nnx, under ``nnx.capture``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 import re
 from collections.abc import Callable, Hashable, Mapping
@@ -33,7 +35,7 @@ from flax import nnx
 from flax.core import FrozenDict, freeze, unfreeze
 
 from portable_brn.config import RenormConfig
-from portable_brn.conventions import RENORM_OPTIONS, config_from_flax
+from portable_brn.conventions import RENORM_OPTIONS, config_from_flax, rate_from_flax_decay
 from portable_brn.inputs import check_floating
 from portable_brn.layout import make_layout
 from portable_brn.schedules import ScheduleLike
@@ -80,6 +82,17 @@ def _config_of(layer: Any) -> RenormConfig:
     ``epsilon`` and the renormalization options)."""
     return config_from_flax(axis=layer.axis, momentum=layer.momentum, epsilon=layer.epsilon,
                             **{name: getattr(layer, name) for name in RENORM_OPTIONS})
+
+
+def _check_stat_names(stats: Any) -> None:
+    """``batch_stats`` must hold exactly what ``init`` made: a missing entry would be
+    made afresh in a mutable apply, an extra one carried along unused."""
+    present, wanted = set(stats), {"mean", "std", "step"}
+    if present != wanted:
+        raise ValueError(f"batch_stats must hold mean, std and step (as init returns them): "
+                         f"missing {sorted(wanted - present)}, unexpected "
+                         f"{sorted(present - wanted)}")
+
 
 
 class BatchRenorm(nn.Module):
@@ -131,6 +144,8 @@ class BatchRenorm(nn.Module):
         use_running_average = nn.merge_param("use_running_average", self.use_running_average,
                                              use_running_average)
         config = self.config()
+        if not self.is_initializing():
+            _check_stat_names(self.variables.get("batch_stats", {}))
         shape = make_layout(x.shape, self.axis, training=False).feature_shape
         if not self.is_initializing() and not self.has_variable("batch_stats", "std"):
             raise ValueError(f"{self.name or 'BatchRenorm'}: batch_stats lack 'std' (a "
@@ -227,6 +242,14 @@ def to_batchnorm_variables(variables: Mapping, *, epsilon: float) -> Any:
 
     return _convert_variables(variables, epsilon, frozenset({"mean", "std", "step"}), convert,
                               "BatchRenorm", "BatchNorm")
+# NnxBatchRenorm's constructor options held in its ``config`` (Flax name: core name), and
+# those fixed by the variables it created.
+_CONFIG_OPTIONS = {"axis": "feature_axis", "epsilon": "eps", "momentum": "momentum",
+                   "r_max": "r_max", "d_max": "d_max", "r_min": "r_min",
+                   "warmup_steps": "warmup_steps", "micro_batch": "micro_batch",
+                   "output_clip": "output_clip"}
+_FIXED_OPTIONS = ("num_features", "param_dtype", "use_bias", "use_scale", "bias_init",
+                  "scale_init")
 
 
 class NnxBatchRenorm(nnx.Module):
@@ -234,8 +257,35 @@ class NnxBatchRenorm(nnx.Module):
 
     State is ``mean``, ``std`` and ``step`` as ``nnx.BatchStat``; ``scale`` and ``bias``
     are ``nnx.Param``.  ``.train()``/``.eval()`` and ``nnx.view`` set
-    ``use_running_average``.  Other arguments as in ``BatchRenorm``.
+    ``use_running_average``.  Other arguments as in ``BatchRenorm``.  Setting an option
+    after construction (``layer.r_max = 2.0``, ``layer.momentum = 0.9`` in Flax's meaning)
+    checks it and updates ``config``, used from the next call; the options that shaped
+    the variables (``num_features``, ``param_dtype``, ``use_bias``, ...) are read-only.
     """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Keep ``config`` in step with the options set after construction."""
+        if "config" in vars(self):
+            if name in _FIXED_OPTIONS:
+                raise AttributeError(f"NnxBatchRenorm.{name} cannot be changed: it shaped "
+                                     f"the layer's variables; make a new layer")
+            if name in _CONFIG_OPTIONS:
+                core = rate_from_flax_decay(value) if name == "momentum" else value
+                super().__setattr__("config", dataclasses.replace(
+                    self.config, **{_CONFIG_OPTIONS[name]: core}))
+                return  # the attribute is a view of config (below)
+        super().__setattr__(name, value)
+
+    axis = property(lambda self: self.config.feature_axis, doc="The feature axis.")
+    epsilon = property(lambda self: self.config.eps, doc="Added to the variance.")
+    momentum = property(lambda self: 1.0 - self.config.momentum,
+                        doc="Flax's momentum: the decay of the old statistics.")
+    r_max = property(lambda self: self.config.r_max)
+    d_max = property(lambda self: self.config.d_max)
+    r_min = property(lambda self: self.config.r_min)
+    warmup_steps = property(lambda self: self.config.warmup_steps)
+    micro_batch = property(lambda self: self.config.micro_batch)
+    output_clip = property(lambda self: self.config.output_clip)
 
     def __init__(self, num_features: int, *, use_running_average: bool | None = False,
                  axis: int = -1, momentum: float = 0.99, epsilon: float = 1e-3,
@@ -249,11 +299,11 @@ class NnxBatchRenorm(nnx.Module):
                  micro_batch: int | None = None,
                  output_clip: tuple[float, float] | None = None,
                  use_custom_vjp: bool = True, rngs: nnx.Rngs) -> None:
-        self.axis, self.momentum, self.epsilon = axis, momentum, epsilon
-        self.r_max, self.d_max, self.r_min = r_max, d_max, r_min
-        self.warmup_steps, self.micro_batch, self.output_clip = (warmup_steps, micro_batch,
-                                                                 output_clip)
-        _config_of(self)  # check the hyperparameters now, not at the first call
+        self.num_features = num_features  # before config: read-only from then on
+        self.config = config_from_flax(axis=axis, momentum=momentum, epsilon=epsilon,
+                                       r_max=r_max, d_max=d_max, r_min=r_min,
+                                       warmup_steps=warmup_steps, micro_batch=micro_batch,
+                                       output_clip=output_clip)
         shape = (num_features,)
         fresh = init_state(shape, xp=jnp, dtype=param_dtype)
         self.mean = nnx.BatchStat(fresh.mean)
@@ -263,19 +313,11 @@ class NnxBatchRenorm(nnx.Module):
                       else nnx.data(None))
         self.bias = (nnx.Param(bias_init(rngs.params(), shape, param_dtype)) if use_bias
                      else nnx.data(None))
-        self.num_features = num_features
         self.use_running_average = use_running_average
         self.dtype = dtype
         self.axis_name = axis_name
         self.axis_index_groups = axis_index_groups
         self.use_custom_vjp = use_custom_vjp
-
-    @property
-    def config(self) -> RenormConfig:
-        """The core's configuration from the Flax attributes (``momentum`` there is the
-        paper's alpha, ``1 - self.momentum``); a changed attribute applies from the next
-        call."""
-        return _config_of(self)
 
     def set_view(self, use_running_average: bool | None = None) -> None:
         """Used by ``nnx.view``: switch between training and inference."""

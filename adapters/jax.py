@@ -36,7 +36,8 @@ __all__ = ["RenormState", "TrainOutput", "as_jax_array", "batch_renorm", "init",
 
 class TrainOutput(NamedTuple):
     """A training step's output, new state and per-feature ``finite`` flags (False
-    where the batch statistic was NaN or Inf and the state was therefore kept)."""
+    where the batch statistic was NaN or Inf and the statistics were therefore kept; the
+    step counter advances on every training call all the same)."""
 
     y: jax.Array
     state: RenormState
@@ -146,14 +147,37 @@ def as_jax_array(value: Any, name: str) -> jax.Array:
     return jnp.asarray(value)
 
 
+def _check_state(state: RenormState) -> None:
+    """The step must be a 0-d integer array (static facts, checked under ``jit`` too).
+    Values are checked only where they are known, outside ``jit`` (traced values cannot
+    be looked at; under ``jit`` a bad value gives whatever the arithmetic gives): finite
+    statistics, a positive std, a non-negative step."""
+    step = state.step
+    if not jnp.issubdtype(step.dtype, jnp.integer):
+        raise TypeError(f"state.step must be an integer array, got {step.dtype}")
+    if step.shape != ():
+        raise ValueError(f"state.step must be 0-d, got shape {step.shape}")
+    if any(isinstance(a, jax.core.Tracer) or not a.is_fully_addressable for a in state):
+        return
+    mean, std = np.asarray(state.mean), np.asarray(state.std)  # host copies: no traced op
+    if not np.all(np.isfinite(mean)):
+        raise ValueError("state.mean holds NaN or Inf")
+    if not np.all(np.isfinite(std) & (std > 0)):
+        raise ValueError("state.std must be positive and finite")
+    if int(step) < 0:
+        raise ValueError(f"state.step must be non-negative, got {int(step)}")
+
+
 def _as_jax(x: Any, state: Any, weight: Any, bias: Any) -> tuple:
-    """The call's arrays as JAX arrays (see ``as_jax_array``); ``None`` stays ``None``."""
+    """The call's arrays as JAX arrays (see ``as_jax_array``); ``None`` stays ``None``;
+    the state checked (see ``_check_state``)."""
 
     def convert(array: Any, name: str) -> jax.Array | None:
         return None if array is None else as_jax_array(array, name)
 
     fields = RenormState(*state)._asdict()
     state = RenormState(**{k: convert(v, f"state.{k}") for k, v in fields.items()})
+    _check_state(state)
     return convert(x, "x"), state, convert(weight, "weight"), convert(bias, "bias")
 
 

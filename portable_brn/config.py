@@ -24,8 +24,8 @@ def _require_number(name: str, value: object, *, low: float, high: float = math.
     too_high = value >= high if high_open else value > high
     infinite = value == math.inf and not allow_inf
     if too_low or too_high or infinite or math.isnan(value):
-        left = "(" if low_open else "["
-        right = "]" if allow_inf or not (high_open or high == math.inf) else ")"
+        closed = allow_inf if high == math.inf else not high_open
+        left, right = "(" if low_open else "[", "]" if closed else ")"
         raise ValueError(f"{name} must be in {left}{low}, {high}{right}, got {value!r}")
 
 

@@ -19,7 +19,8 @@ from typing import Any
 from .config import RenormConfig
 from .schedules import CumulativeAverage
 
-__all__ = ["RENORM_OPTIONS", "config_from_flax", "flax_options", "torch_options"]
+__all__ = ["RENORM_OPTIONS", "config_from_flax", "flax_options", "rate_from_flax_decay",
+           "torch_options"]
 
 RENORM_OPTIONS = ("r_max", "d_max", "r_min", "warmup_steps", "micro_batch", "output_clip")
 
@@ -42,14 +43,19 @@ def flax_options(config: RenormConfig) -> dict[str, Any]:
             "epsilon": config.eps, **_renorm_options(config)}
 
 
-def config_from_flax(*, axis: Any, momentum: float, epsilon: float,
-                     **renorm_options: Any) -> RenormConfig:
-    """The core's configuration from Flax's keywords; ``momentum`` is Flax's decay, in
-    [0, 1)."""
+def rate_from_flax_decay(momentum: float) -> float:
+    """The core's momentum (the weight of the new value) from Flax's (the decay of the old
+    one, in [0, 1)), after checking it."""
     if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
         raise TypeError(f"momentum must be a real number, got {momentum!r}")
     if not 0.0 <= momentum < 1.0:
         raise ValueError(f"momentum is the decay of the old statistics (Flax convention) and "
                          f"must be in [0, 1), got {momentum!r}")
-    return RenormConfig(feature_axis=axis, eps=epsilon, momentum=1.0 - momentum,
-                        **renorm_options)
+    return 1.0 - momentum
+
+
+def config_from_flax(*, axis: Any, momentum: float, epsilon: float,
+                     **renorm_options: Any) -> RenormConfig:
+    """The core's configuration from Flax's keywords; ``momentum`` is Flax's decay."""
+    return RenormConfig(feature_axis=axis, eps=epsilon,
+                        momentum=rate_from_flax_decay(momentum), **renorm_options)

@@ -43,7 +43,8 @@ class Residuals(NamedTuple):
     Per-feature arrays broadcast against ``x`` viewed as ``layout.view_shape``.
     ``moments`` are the batch's own (pooled over micro-batches) in the state's shape,
     ready for ``deferred_update``; ``finite`` is False for features whose batch
-    statistic was NaN or Inf, whose moving statistics were therefore left as they were.
+    statistic was NaN or Inf, whose moving statistics were therefore left as they were
+    (the step counter advanced nonetheless).
     ``mask`` is the forward's mask in the view's shape (None: every element counted) and
     ``count`` the number of counted elements per statistic (an int without a mask).
     """
@@ -150,7 +151,8 @@ def _clip(xp: Any, value: Any, low: Any, high: Any) -> Any:
 
 
 def _finite(xp: Any, batch_mean: Any, batch_std: Any) -> Any:
-    """Per feature, whether both batch statistics are finite (else the state stays)."""
+    """Per feature, whether both batch statistics are finite (else the state stays, while
+    the step counter still advances)."""
     return xp.isfinite(batch_mean) & xp.isfinite(batch_std)
 
 
@@ -173,8 +175,9 @@ def update_state(state: RenormState, batch_mean: Any, batch_std: Any,
     """Move the statistics toward the batch's by ``config.momentum`` (at the step before the
     update, for a schedule); step + 1.
 
-    A feature whose batch statistic is not finite keeps its old statistics.  Returns the
-    new state and the per-feature ``finite`` flags.
+    A feature whose batch statistic is not finite keeps its old statistics; the step
+    counter advances all the same (on every backend), so warm-up and schedules count
+    calls, not finite batches.  Returns the new state and the per-feature ``finite`` flags.
     """
     xp = per_feature_namespace(**{"state.mean": state.mean, "state.std": state.std,
                                   "batch_mean": batch_mean, "batch_std": batch_std})
@@ -240,7 +243,9 @@ def forward_train(x: Any, state: RenormState, weight: Any, bias: Any, config: Re
     ``deferred_update``).  ``replica_mean`` averages a per-feature array over replicas,
     making the batch statistics those of the global batch; with ``micro_batch`` each
     micro-batch stays local to its replica and only the state update is averaged, so
-    every replica still ends with the same moving statistics.
+    every replica still ends with the same moving statistics.  The step counter advances
+    on every call, also when some (or all) features' batch statistics are NaN or Inf and
+    their moving statistics are kept.
 
     ``mask`` (boolean, broadcastable to ``x``; True where an element counts) restricts
     the batch statistics, and so r, d and the state update, to the counted elements (per

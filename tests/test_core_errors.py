@@ -403,6 +403,79 @@ def test_array_layer_load_state_dict_is_all_or_nothing() -> None:
     _assert_snapshot(before, layer)
 
 
+BAD_ENTRIES = {  # entry: (bad value, error, message)
+    "fractional step": ("num_batches_tracked", np.asarray(2.7), ValueError,
+                        r"^num_batches_tracked must be a non-negative integer, got"),
+    "negative step": ("num_batches_tracked", np.asarray(-5), ValueError,
+                      r"^num_batches_tracked must be a non-negative integer, got"),
+    "boolean step": ("num_batches_tracked", np.asarray(True), ValueError,
+                     r"^num_batches_tracked must be a non-negative integer, got"),
+    "complex step": ("num_batches_tracked", np.asarray(3 + 0j), ValueError,
+                     r"^num_batches_tracked must be a non-negative integer, got"),
+    "complex mean": ("running_mean", np.zeros(3, np.complex128), TypeError,
+                     r"^running_mean must have a real floating dtype, got complex128"),
+    "boolean weight": ("weight", np.ones(3, bool), TypeError,
+                       r"^weight must have a real floating dtype, got bool"),
+    "integer bias": ("bias", np.zeros(3, np.int64), TypeError,
+                     r"^bias must have a real floating dtype, got int64"),
+    "zero std": ("running_std", np.array([1.0, 0.0, 1.0]), ValueError,
+                 r"^running_std must be positive, got a minimum of"),
+    "negative std": ("running_std", np.array([1.0, 2.0, -1.0]), ValueError,
+                     r"^running_std must be positive, got a minimum of"),
+    "NaN mean": ("running_mean", np.array([0.0, np.nan, 0.0]), ValueError,
+                 r"^running_mean holds NaN or Inf"),
+    "Inf weight": ("weight", np.array([1.0, np.inf, 1.0]), ValueError,
+                   r"^weight holds NaN or Inf"),
+    "text": ("bias", "abc", ValueError, r"^bias has shape \(\), expected \(3,\)"),
+}
+
+
+@pytest.mark.parametrize(("backend", "case"), _on_backends(BAD_ENTRIES), indirect=["backend"])
+def test_array_layer_load_state_dict_refuses_bad_values(backend, case) -> None:
+    """Every entry is checked (issue 13, item 3: a step of 2.7 loaded as 2, a step of -5,
+    complex or boolean arrays and a running_std of 0 or below were accepted); the error
+    names the entry and the layer is left as it was."""
+    key, value, error, message = BAD_ENTRIES[case]
+    layer = _trained_layer(backend)
+    before = _layer_snapshot(layer)
+    with pytest.raises(error, match=message):
+        layer.load_state_dict({**layer.state_dict(), key: value})
+    _assert_snapshot(before, layer)
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("running_std", np.array([1.0, 1e-300, 1.0]), r"^running_std underflows to 0 in the "
+                                                  r"layer's float32"),
+    ("running_mean", np.array([0.0, 1e300, 0.0]), r"^running_mean overflows the layer's "
+                                                  r"float32"),
+])
+def test_array_layer_load_state_dict_refuses_what_its_dtype_cannot_hold(key, value,
+                                                                        message) -> None:
+    layer = BatchRenorm(3, xp=np)
+    layer.forward(np.eye(4, 3, dtype=np.float32))
+    before = layer.state_dict()
+    with pytest.raises(ValueError, match=message):
+        layer.load_state_dict({**layer.state_dict(), key: value})
+    for name, array in layer.state_dict().items():
+        np.testing.assert_array_equal(array, before[name], err_msg=name)
+
+
+def test_array_layer_load_state_dict_takes_integral_steps_and_casts() -> None:
+    """An integral float step (a JSON checkpoint) and float32 arrays load; the values
+    arrive exactly, in the layer's dtypes."""
+    layer = _trained_layer(Backend("numpy", np.array, np.asarray, np))
+    saved = {k: v.astype(np.float32) if v.dtype == np.float64 else v
+             for k, v in layer.state_dict().items()}
+    layer.load_state_dict({**saved, "num_batches_tracked": np.asarray(12.0)})
+    loaded = layer.state_dict()
+    assert loaded["num_batches_tracked"] == 12 and loaded["num_batches_tracked"].dtype.kind == "i"
+    for key in ("running_mean", "running_std", "weight", "bias"):
+        assert loaded[key].dtype == np.float64
+        np.testing.assert_array_equal(loaded[key], saved[key].astype(np.float64))
+    with pytest.raises(TypeError, match=r"^load_state_dict takes a mapping"):
+        layer.load_state_dict(list(saved.items()))
+
+
 def test_array_layer_counts_and_warns_on_non_finite_batch() -> None:
     layer = BatchRenorm(2, xp=np)
     x = np.ones((4, 2))
