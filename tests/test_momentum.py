@@ -153,3 +153,20 @@ def test_convert_batchnorm_carries_momentum_none() -> None:
         bn(x)
         renorm(x)
     assert rel_err(renorm.running_mean.numpy(), bn.running_mean.numpy()) <= 1e-12
+
+
+def test_momentum_schedule_out_of_range_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="momentum"):
+        pb.RenormConfig(momentum=schedules.linear(0.5, 1.5, 0, 10))
+
+
+def test_momentum_none_compiles_whole() -> None:
+    """The native path with the schedule's per-step rate traces with ``fullgraph=True``."""
+    bn, renorm = _batchnorm_limit_pair(torch.float64)
+    compiled = torch.compile(renorm, fullgraph=True)
+    for x in _batches(5, SHAPE, steps=4):
+        x = torch.from_numpy(x)
+        compiled(x)
+        bn(x)
+    assert rel_err(renorm.running_mean.numpy(), bn.running_mean.numpy()) <= 1e-12
+    assert int(renorm.num_batches_tracked) == 4
