@@ -33,10 +33,11 @@ from flax import nnx
 from flax.core import FrozenDict, freeze, unfreeze
 
 from portable_brn.config import RenormConfig
+from portable_brn.conventions import RENORM_OPTIONS, config_from_flax
 from portable_brn.inputs import check_floating
 from portable_brn.layout import make_layout
 from portable_brn.schedules import ScheduleLike
-from portable_brn.state import RenormState, init_state
+from portable_brn.state import RenormState, init_state, zero_step
 
 from .jax import as_jax_array, renorm_infer, renorm_train
 
@@ -47,25 +48,11 @@ Initializer = Any
 Dtype = Any
 
 
-def _renorm_config(axis: int | tuple[int, ...], momentum: float, epsilon: float,
-                  r_max: ScheduleLike, d_max: ScheduleLike, r_min: ScheduleLike | None,
-                  warmup_steps: int, micro_batch: int | None,
-                  output_clip: tuple[float, float] | None) -> RenormConfig:
-    """The core's configuration from Flax's arguments; ``momentum`` is Flax's decay."""
-    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
-        raise TypeError(f"momentum must be a real number, got {momentum!r}")
-    if not 0.0 <= momentum < 1.0:
-        raise ValueError(f"momentum is the decay of the old statistics (Flax convention) and "
-                         f"must be in [0, 1), got {momentum!r}")
-    return RenormConfig(feature_axis=axis, eps=epsilon, momentum=1.0 - momentum, r_max=r_max,
-                        d_max=d_max, r_min=r_min, warmup_steps=warmup_steps,
-                        micro_batch=micro_batch, output_clip=output_clip)
-
-
 def _normalize(x: jax.Array, state: RenormState, scale: jax.Array | None,
                bias: jax.Array | None, config: RenormConfig, *, training: bool,
                dtype: Dtype | None, axis_name: Hashable | None, axis_index_groups: Any,
-               use_custom_vjp: bool) -> tuple[jax.Array, RenormState, jax.Array | None]:
+               use_custom_vjp: bool,
+               mask: jax.Array | None) -> tuple[jax.Array, RenormState, jax.Array | None]:
     """``(y, new_state, finite)`` with Flax's dtype rule: the output dtype is ``dtype``,
     else the promotion of the input and parameters; the input is widened first when
     that dtype is wider, so no precision is lost on the way."""
@@ -75,10 +62,11 @@ def _normalize(x: jax.Array, state: RenormState, scale: jax.Array | None,
         x, *(p for p in (scale, bias) if p is not None))
     x = x.astype(jnp.promote_types(x.dtype, out_dtype))
     if not training:
-        return renorm_infer(x, state, scale, bias, config).astype(out_dtype), state, None
+        y = renorm_infer(x, state, scale, bias, config, mask=mask)
+        return y.astype(out_dtype), state, None
     y, new_state, finite = renorm_train(x, state, scale, bias, config, axis_name=axis_name,
                                         axis_index_groups=axis_index_groups,
-                                        use_custom_vjp=use_custom_vjp)
+                                        use_custom_vjp=use_custom_vjp, mask=mask)
     return y.astype(out_dtype), new_state, finite
 
 
@@ -87,9 +75,11 @@ def _keep_latest(_previous: Any, latest: Any) -> Any:
     return latest
 
 
-def _fresh_state(feature_shape: tuple[int, ...], param_dtype: Dtype) -> RenormState:
-    """Mean 0, std 1, step 0; statistics in ``param_dtype`` but never below float32."""
-    return init_state(feature_shape, xp=jnp, dtype=jnp.promote_types(param_dtype, jnp.float32))
+def _config_of(layer: Any) -> RenormConfig:
+    """The core's configuration from a Flax layer's attributes (``axis``, ``momentum``,
+    ``epsilon`` and the renormalization options)."""
+    return config_from_flax(axis=layer.axis, momentum=layer.momentum, epsilon=layer.epsilon,
+                            **{name: getattr(layer, name) for name in RENORM_OPTIONS})
 
 
 class BatchRenorm(nn.Module):
@@ -128,14 +118,16 @@ class BatchRenorm(nn.Module):
         super().__post_init__()
 
     def config(self) -> RenormConfig:
-        """The core's configuration for this layer."""
-        return _renorm_config(self.axis, self.momentum, self.epsilon, self.r_max, self.d_max,
-                              self.r_min, self.warmup_steps, self.micro_batch,
-                              self.output_clip)
+        """The core's configuration for this layer (``momentum`` there is the paper's
+        alpha, ``1 - self.momentum``)."""
+        return _config_of(self)
 
     @nn.compact
-    def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
-        """Normalize ``x``; in training, update ``batch_stats`` (except during ``init``)."""
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None, *,
+                 mask: jax.Array | None = None) -> jax.Array:
+        """Normalize ``x``; in training, update ``batch_stats`` (except during ``init``).
+        ``mask`` (boolean, broadcastable to ``x``) as in ``flax.linen.BatchNorm``: only
+        the elements where it is True enter the batch statistics."""
         use_running_average = nn.merge_param("use_running_average", self.use_running_average,
                                              use_running_average)
         config = self.config()
@@ -144,7 +136,7 @@ class BatchRenorm(nn.Module):
             raise ValueError(f"{self.name or 'BatchRenorm'}: batch_stats lack 'std' (a "
                              "flax.linen.BatchNorm checkpoint's mean and var?); convert them "
                              "with from_batchnorm_variables or initialize the model afresh")
-        fresh = _fresh_state(shape, self.param_dtype)
+        fresh = init_state(shape, xp=jnp, dtype=self.param_dtype)
         mean = self.variable("batch_stats", "mean", lambda: fresh.mean)
         std = self.variable("batch_stats", "std", lambda: fresh.std)
         step = self.variable("batch_stats", "step", lambda: fresh.step)
@@ -157,7 +149,8 @@ class BatchRenorm(nn.Module):
             x, RenormState(mean.value, std.value, step.value), scale, bias, config,
             training=not use_running_average, dtype=self.dtype,
             axis_name=None if initializing else self.axis_name,
-            axis_index_groups=self.axis_index_groups, use_custom_vjp=self.use_custom_vjp)
+            axis_index_groups=self.axis_index_groups, use_custom_vjp=self.use_custom_vjp,
+            mask=mask)
         if finite is not None and not initializing:
             mean.value, std.value, step.value = new_state
             self.sow("intermediates", "finite", finite, reduce_fn=_keep_latest)
@@ -215,7 +208,7 @@ def from_batchnorm_variables(variables: Mapping, *, epsilon: float) -> Any:
         var = np.asarray(stats["var"])
         std = np.sqrt(var.astype(np.float64) + epsilon).astype(var.dtype)
         return {"mean": stats["mean"], "std": jnp.asarray(std),
-                "step": _fresh_state((1,), jnp.float32).step}
+                "step": zero_step(jnp)}
 
     return _convert_variables(variables, epsilon, frozenset({"mean", "var"}), convert,
                               "BatchNorm", "BatchRenorm")
@@ -256,10 +249,13 @@ class NnxBatchRenorm(nnx.Module):
                  micro_batch: int | None = None,
                  output_clip: tuple[float, float] | None = None,
                  use_custom_vjp: bool = True, rngs: nnx.Rngs) -> None:
-        self.config = _renorm_config(axis, momentum, epsilon, r_max, d_max, r_min,
-                                     warmup_steps, micro_batch, output_clip)
+        self.axis, self.momentum, self.epsilon = axis, momentum, epsilon
+        self.r_max, self.d_max, self.r_min = r_max, d_max, r_min
+        self.warmup_steps, self.micro_batch, self.output_clip = (warmup_steps, micro_batch,
+                                                                 output_clip)
+        _config_of(self)  # check the hyperparameters now, not at the first call
         shape = (num_features,)
-        fresh = _fresh_state(shape, param_dtype)
+        fresh = init_state(shape, xp=jnp, dtype=param_dtype)
         self.mean = nnx.BatchStat(fresh.mean)
         self.std = nnx.BatchStat(fresh.std)
         self.step = nnx.BatchStat(fresh.step)
@@ -274,13 +270,22 @@ class NnxBatchRenorm(nnx.Module):
         self.axis_index_groups = axis_index_groups
         self.use_custom_vjp = use_custom_vjp
 
+    @property
+    def config(self) -> RenormConfig:
+        """The core's configuration from the Flax attributes (``momentum`` there is the
+        paper's alpha, ``1 - self.momentum``); a changed attribute applies from the next
+        call."""
+        return _config_of(self)
+
     def set_view(self, use_running_average: bool | None = None) -> None:
         """Used by ``nnx.view``: switch between training and inference."""
         if use_running_average is not None:
             self.use_running_average = use_running_average
 
-    def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
-        """Normalize ``x``; in training, update the ``BatchStat`` state."""
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None, *,
+                 mask: jax.Array | None = None) -> jax.Array:
+        """Normalize ``x``; in training, update the ``BatchStat`` state (``mask`` as in
+        ``BatchRenorm``)."""
         if use_running_average is None:
             use_running_average = self.use_running_average
         if use_running_average is None:
@@ -292,7 +297,8 @@ class NnxBatchRenorm(nnx.Module):
         y, new_state, finite = _normalize(
             x, state, scale, bias, self.config, training=not use_running_average,
             dtype=self.dtype, axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups, use_custom_vjp=self.use_custom_vjp)
+            axis_index_groups=self.axis_index_groups, use_custom_vjp=self.use_custom_vjp,
+            mask=mask)
         if finite is not None:
             self.mean[...], self.std[...], self.step[...] = new_state
             if hasattr(self, "__captures__"):  # inside nnx.capture: sowing is supported

@@ -11,8 +11,8 @@ Gradients come either from the core's backward pass (SPEC section 4) wired in wi
 ``axis_name`` makes the batch statistics those of the global batch over a named axis
 (``shard_map``, ``pmap`` or ``vmap``), so every replica holds the same state.
 
-Importing this module registers ``XlaKernel`` for ``jax.numpy`` arrays in the core's
-kernel registry.
+On ``jax.numpy`` arrays the core runs ``portable_brn.xla_kernel.XlaKernel`` whether or
+not this module was imported.
 """
 
 from __future__ import annotations
@@ -26,13 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from portable_brn.config import RenormConfig
-from portable_brn.kernels import GenericKernel, register_kernel
-from portable_brn.layout import Layout
 from portable_brn.moments import ReplicaMean
 from portable_brn.renorm import Residuals, backward, forward_infer, forward_train
-from portable_brn.state import RenormState, init_state
+from portable_brn.state import RenormState, init_params, init_state
 
-__all__ = ["RenormState", "TrainOutput", "XlaKernel", "as_jax_array", "batch_renorm", "init",
+__all__ = ["RenormState", "TrainOutput", "as_jax_array", "batch_renorm", "init",
            "renorm_infer", "renorm_train"]
 
 
@@ -53,49 +51,12 @@ class _Sync(NamedTuple):
     axis_index_groups: Any
 
 
-class XlaKernel(GenericKernel):
-    """The generic kernel with hints that keep XLA from writing full-size temporaries.
-
-    XLA merges equal expressions and fuses per-feature arithmetic into its consumers,
-    which here backfires: ``x - mean``, needed by the variance, by the backward's sums
-    and by ``dx``, would be merged into one array written out in full instead of being
-    recomputed inside each pass, and a per-feature scale would be broadcast to the
-    input's size and read back.  An ``optimization_barrier`` around each pass's small
-    per-feature operands (a different tuple in each pass, so XLA cannot merge them)
-    prevents both; the arithmetic is the generic kernel's.  Measured in
-    ``benchmarks/bench_jax.py``: a training step 1.3-1.5x faster on CPU.  XLA's
-    reductions are tree-shaped, accurate in float32, and float64 may be disabled, so
-    sums stay in the input's dtype.
-    """
-
-    wide_sums = False
-
-    def affine(self, xp: Any, view: Any, scale: Any, shift: Any, dtype: Any,
-               layout: Layout) -> Any:
-        scale, shift = jax.lax.optimization_barrier((scale, shift))
-        return super().affine(xp, view, scale, shift, dtype, layout)
-
-    def grad_sums(self, xp: Any, grad: Any, view: Any, mean: Any, inv_std: Any,
-                  layout: Layout) -> tuple[Any, Any]:
-        mean, inv_std = jax.lax.optimization_barrier((mean, inv_std))
-        return super().grad_sums(xp, grad, view, mean, inv_std, layout)
-
-    def grad_input(self, xp: Any, grad: Any, view: Any, mean: Any, inv_std: Any, scale: Any,
-                   x_scale: Any, shift: Any, dtype: Any, layout: Layout) -> Any:
-        mean, scale, x_scale, shift = jax.lax.optimization_barrier((mean, scale, x_scale, shift))
-        return super().grad_input(xp, grad, view, mean, inv_std, scale, x_scale, shift, dtype,
-                                  layout)
-
-
-register_kernel(lambda xp: xp is jnp, XlaKernel())
-
-
 def init(num_features: int | tuple[int, ...], *, dtype: Any = jnp.float32,
          param_dtype: Any = jnp.float32) -> tuple[RenormState, jax.Array, jax.Array]:
-    """Fresh ``(state, weight, bias)``: mean 0, std 1, step 0, weight 1, bias 0."""
+    """Fresh ``(state, weight, bias)``: mean 0, std 1, step 0, weight 1, bias 0 (the
+    statistics float32 or wider, as ``init_state`` makes them)."""
     state = init_state(num_features, xp=jnp, dtype=dtype)
-    return (state, jnp.ones(state.mean.shape, param_dtype),
-            jnp.zeros(state.mean.shape, param_dtype))
+    return (state, *init_params(state, dtype=param_dtype))
 
 
 def _replica_mean(axis_name: Hashable | None, axis_index_groups: Any = None) -> ReplicaMean:
@@ -105,12 +66,13 @@ def _replica_mean(axis_name: Hashable | None, axis_index_groups: Any = None) -> 
     return partial(jax.lax.pmean, axis_name=axis_name, axis_index_groups=axis_index_groups)
 
 
-def _forward(x: jax.Array, state: RenormState, weight: Any, bias: Any,
+def _forward(x: jax.Array, state: RenormState, weight: Any, bias: Any, mask: Any,
              sync: _Sync) -> tuple[jax.Array, RenormState, Residuals]:
     """The core's training forward with JAX's stop-gradient and replica mean."""
     return forward_train(x, state, weight, bias, sync.config,
                          stop_gradient=jax.lax.stop_gradient,
-                         replica_mean=_replica_mean(sync.axis_name, sync.axis_index_groups))
+                         replica_mean=_replica_mean(sync.axis_name, sync.axis_index_groups),
+                         mask=mask)
 
 
 def _zero_cotangent(array: jax.Array) -> jax.Array:
@@ -136,18 +98,19 @@ def _summed_like(cotangent: jax.Array | None, primal: jax.Array | None) -> jax.A
     return jax.lax.psum(cotangent, tuple(extra)) if extra else cotangent
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _train_core_vjp(x: jax.Array, state: RenormState, weight: Any, bias: Any,
+@partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _train_core_vjp(x: jax.Array, state: RenormState, weight: Any, bias: Any, mask: Any,
                     sync: _Sync) -> TrainOutput:
     """Training forward whose gradient is the core's ``backward``."""
-    y, new_state, residuals = _forward(x, state, weight, bias, sync)
+    y, new_state, residuals = _forward(x, state, weight, bias, mask, sync)
     return TrainOutput(y, new_state, residuals.finite)
 
 
-def _train_core_vjp_fwd(x: jax.Array, state: RenormState, weight: Any, bias: Any,
+def _train_core_vjp_fwd(x: jax.Array, state: RenormState, weight: Any, bias: Any, mask: Any,
                         sync: _Sync) -> tuple[TrainOutput, tuple]:
     """Forward rule: the primal inputs are the residuals (see the backward rule)."""
-    return _train_core_vjp(x, state, weight, bias, sync), (x, state, weight, bias)
+    return (_train_core_vjp(x, state, weight, bias, mask, sync),
+            (x, state, weight, bias, mask))
 
 
 def _train_core_vjp_bwd(sync: _Sync, primals: tuple, cotangent: TrainOutput) -> tuple:
@@ -156,13 +119,13 @@ def _train_core_vjp_bwd(sync: _Sync, primals: tuple, cotangent: TrainOutput) -> 
     The residuals are rebuilt by running the forward again on the saved inputs, which
     keeps their static parts (layout, replica mean, ...) out of JAX's residuals; under
     ``jit`` XLA merges the repeated forward with the original one.  The state only
-    enters through stop-gradient, so its cotangent is zero.
+    enters through stop-gradient, so its cotangent is zero, as is the boolean mask's.
     """
-    x, state, weight, bias = primals
-    _, _, residuals = _forward(x, state, weight, bias, sync)
+    x, state, weight, bias, mask = primals
+    _, _, residuals = _forward(x, state, weight, bias, mask, sync)
     dx, dweight, dbias = backward(residuals, cotangent.y)
     return (dx, jax.tree.map(_zero_cotangent, state), _summed_like(dweight, weight),
-            _summed_like(dbias, bias))
+            _summed_like(dbias, bias), jax.tree.map(_zero_cotangent, mask))
 
 
 _train_core_vjp.defvjp(_train_core_vjp_fwd, _train_core_vjp_bwd)
@@ -197,8 +160,11 @@ def _as_jax(x: Any, state: Any, weight: Any, bias: Any) -> tuple:
 def renorm_train(x: jax.Array, state: RenormState, weight: jax.Array | None,
                  bias: jax.Array | None, config: RenormConfig, *,
                  axis_name: Hashable | None = None, axis_index_groups: Any = None,
-                 use_custom_vjp: bool = True) -> TrainOutput:
+                 use_custom_vjp: bool = True, mask: jax.Array | None = None) -> TrainOutput:
     """One training step (Algorithm 1): output, new state and ``finite`` flags.
+
+    ``mask`` (boolean, broadcastable to ``x``, True where an element counts) restricts
+    the batch statistics to the counted elements, as ``flax.linen.BatchNorm``'s.
 
     ``use_custom_vjp=True`` differentiates with the core's backward pass (the faster
     under ``jit``); ``False`` lets JAX differentiate the forward.  ``axis_name`` (and
@@ -209,28 +175,33 @@ def renorm_train(x: jax.Array, state: RenormState, weight: jax.Array | None,
     it without the axis.
     """
     x, state, weight, bias = _as_jax(x, state, weight, bias)
+    mask = None if mask is None else as_jax_array(mask, "mask")
     sync = _Sync(config, axis_name, axis_index_groups)
     if use_custom_vjp:
-        return _train_core_vjp(x, state, weight, bias, sync)
-    y, new_state, residuals = _forward(x, state, weight, bias, sync)
+        return _train_core_vjp(x, state, weight, bias, mask, sync)
+    y, new_state, residuals = _forward(x, state, weight, bias, mask, sync)
     return TrainOutput(y, new_state, residuals.finite)
 
 
 def renorm_infer(x: jax.Array, state: RenormState, weight: jax.Array | None,
-                 bias: jax.Array | None, config: RenormConfig) -> jax.Array:
-    """Inference: ``weight * (x - mean) / std + bias`` with the moving statistics."""
-    return forward_infer(*_as_jax(x, state, weight, bias), config)
+                 bias: jax.Array | None, config: RenormConfig, *,
+                 mask: jax.Array | None = None) -> jax.Array:
+    """Inference: ``weight * (x - mean) / std + bias`` with the moving statistics
+    (``mask`` is checked, and unused: no statistic is computed)."""
+    mask = None if mask is None else as_jax_array(mask, "mask")
+    return forward_infer(*_as_jax(x, state, weight, bias), config, mask=mask)
 
 
 def batch_renorm(x: jax.Array, state: RenormState, weight: jax.Array | None,
                  bias: jax.Array | None, config: RenormConfig, *, training: bool,
                  axis_name: Hashable | None = None, axis_index_groups: Any = None,
-                 use_custom_vjp: bool = True) -> tuple[jax.Array, RenormState]:
+                 use_custom_vjp: bool = True,
+                 mask: jax.Array | None = None) -> tuple[jax.Array, RenormState]:
     """``(y, new_state)``: a training step when ``training``, else inference with the
     state returned unchanged.  ``training`` is a Python bool (static under ``jit``)."""
     if not training:
-        return renorm_infer(x, state, weight, bias, config), state
+        return renorm_infer(x, state, weight, bias, config, mask=mask), state
     y, new_state, _ = renorm_train(x, state, weight, bias, config, axis_name=axis_name,
                                    axis_index_groups=axis_index_groups,
-                                   use_custom_vjp=use_custom_vjp)
+                                   use_custom_vjp=use_custom_vjp, mask=mask)
     return y, new_state

@@ -24,10 +24,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from array_api_compat import is_numpy_namespace
 
 import portable_brn as pb
 from portable_brn.kernels import fast_kernels_disabled, kernel_for, kernel_forced
-from portable_brn.numpy_kernel import NumpyKernel, is_numpy
+from portable_brn.numpy_kernel import NumpyKernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import measure, print_table
@@ -64,7 +65,7 @@ def _bench(shape: tuple[int, ...]) -> list[tuple[object, ...]]:
         pb.backward(residuals, dy)
 
     def ufunc_step() -> None:
-        with kernel_forced(is_numpy, NumpyKernel()):
+        with kernel_forced(is_numpy_namespace, NumpyKernel()):
             step()
 
     def generic_step() -> None:

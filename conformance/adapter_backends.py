@@ -4,9 +4,10 @@ Each adapter backend opens a *session* per case: a layer (or functional state) o
 adapter, loaded with the case's initial state and parameters, offering
 ``train(x, dy)`` and ``infer(x)`` that return host outputs named as in ``expected``.
 Adapters offer training and inference only, so cases with a deferred recurrent update
-or a recalibration do not apply to them.  A missing adapter module makes its backend
-skip with the reason "adapter not available"; the torch one also skips when the
-module's API is not the one it expects (see ``TorchModulesBackend``).
+or a recalibration do not apply to them.  A backend whose framework is not installed
+skips, naming it; an ``ImportError`` raised inside the project's own adapter is a bug
+and propagates.  Keyword arguments come from ``portable_brn.conventions``, as the
+adapters' own translations do.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from __future__ import annotations
 import contextlib
 import importlib
 from abc import ABC, abstractmethod
-from dataclasses import fields
 from typing import Any
 
 import numpy as np
+
+from portable_brn.conventions import flax_options, torch_options
 
 from .arrays import dtype_pair, to_numpy
 from .backends import QUICK_CASES, Backend, CoreBackend, Unavailable, quiet_nonfinite
@@ -42,20 +44,15 @@ class Session(ABC):
 
 
 def _options(case: Case) -> dict[str, Any]:
-    """The case's ``RenormConfig`` fields as keyword arguments, ``feature_axis`` aside."""
-    config = core_config(case.config)
-    return {f.name: getattr(config, f.name) for f in fields(config) if f.name != "feature_axis"}
+    """The case's configuration as the keywords of a torch module or the array layer
+    (the core's names), ``feature_axis`` aside."""
+    return torch_options(core_config(case.config))
 
 
 def _flax_options(case: Case, param_dtype: Any) -> dict[str, Any]:
-    """The case as keyword arguments of a Flax ``BatchRenorm`` (linen or nnx): Flax's
-    names, and momentum as the decay of the old value, ``1 - alpha``."""
-    options = _options(case)
-    options["momentum"] = 1.0 - options["momentum"]
-    options["epsilon"] = options.pop("eps")
-    return {"axis": case.config["feature_axis"], "param_dtype": param_dtype,
-            "use_scale": case.weight is not None, "use_bias": case.bias is not None,
-            **options}
+    """The case as keyword arguments of a Flax ``BatchRenorm`` (linen or nnx)."""
+    return {"param_dtype": param_dtype, "use_scale": case.weight is not None,
+            "use_bias": case.bias is not None, **flax_options(core_config(case.config))}
 
 
 class AdapterBackend(Backend):
@@ -66,8 +63,12 @@ class AdapterBackend(Backend):
     def load(self) -> None:
         try:
             self.module = importlib.import_module(self.module_name)
-        except ImportError as error:
-            raise Unavailable(f"adapter not available: {self.module_name} ({error})") from error
+        except ModuleNotFoundError as error:
+            missing = (error.name or "").partition(".")[0]
+            if not missing or missing == "portable_brn":
+                raise  # the project's own module is missing: a bug, not a skip
+            raise Unavailable(f"{missing} is not installed ({self.module_name} needs it)",
+                              missing=missing) from error
 
     def supports(self, case: Case) -> str | None:
         kinds = sorted({op.kind for op in case.ops} - {"train", "infer"})
@@ -137,8 +138,9 @@ class ArrayLayerBackend(AdapterBackend):
         self.about = f"the array layer (adapters.array) on {base.about}"
 
     def load(self) -> None:
-        if self.base.skip_reason:
-            raise Unavailable(self.base.skip_reason)
+        base = self.base.unavailable
+        if base is not None:
+            raise Unavailable(str(base), missing=base.missing)
         super().load()
 
     def session(self, case: Case, dtype: str) -> Session:
@@ -397,23 +399,6 @@ class TorchModulesBackend(AdapterBackend):
     name = "torch-modules"
     about = "adapters.torch BatchRenorm1d/2d/3d, autograd"
     dtypes = ("float64", "float32", "bfloat16")
-
-    def load(self) -> None:
-        super().load()
-        missing = [n for n in ("BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d")
-                   if not hasattr(self.module, n)]
-        if missing:
-            raise Unavailable(f"adapter API differs: {self.module_name} has no {missing}")
-        try:
-            probe = self.module.BatchRenorm1d(2, r_max=2.0, d_max=1.0, r_min=None,
-                                              warmup_steps=0, micro_batch=None,
-                                              output_clip=None)
-        except TypeError as error:
-            raise Unavailable(f"adapter API differs: {error}") from error
-        absent = [n for n in ("running_mean", "running_std", "num_batches_tracked")
-                  if not hasattr(probe, n)]
-        if absent:
-            raise Unavailable(f"adapter API differs: BatchRenorm1d has no buffer {absent}")
 
     def supports(self, case: Case) -> str | None:
         axis = case.config["feature_axis"]

@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from array_api_compat import array_namespace, is_cupy_array, is_dask_array, is_torch_array
+
+from portable_brn.host import to_host
 
 __all__ = ["DTYPE_NAMES", "dtype_pair", "from_numpy", "to_numpy"]
 
@@ -36,36 +37,10 @@ def from_numpy(xp: Any, array: np.ndarray | None, dtype: Any = None,
 
 
 def to_numpy(array: Any) -> np.ndarray | None:
-    """A host NumPy copy of an array of any library: floats as float64 (exact for every
-    floating dtype), integers and booleans as they are.  16-bit floats widen to float32
-    in their own library first: NumPy has no bfloat16."""
-    if array is None:
+    """A host NumPy copy of an array of any library (``portable_brn.host.to_host``),
+    floats as float64 (exact for every floating dtype), integers and booleans as they
+    are."""
+    host = to_host(array)
+    if host is None:
         return None
-    if is_dask_array(array):
-        array = array.compute()
-    if is_torch_array(array):
-        array = array.detach().cpu()
-    xp = array_namespace(array)
-    if xp.isdtype(array.dtype, "real floating") and xp.finfo(array.dtype).bits < 32:
-        array = xp.astype(array, xp.float32)
-    if is_cupy_array(array):
-        return array.get()
-    if hasattr(array, "to_device") and not isinstance(array, np.ndarray):
-        array = _to_host(array)
-    try:
-        host = np.from_dlpack(array)
-    except (TypeError, RuntimeError, BufferError, AttributeError):
-        host = np.asarray(array)
-    return np.array(host, dtype=np.float64 if host.dtype.kind == "f" else host.dtype)
-
-
-def _to_host(array: Any) -> Any:
-    """``array`` on its library's CPU device when the library names one, else as is."""
-    xp = array_namespace(array)
-    info = getattr(xp, "__array_namespace_info__", None)
-    if info is None:
-        return array
-    for device in info().devices():
-        if "cpu" in str(device).lower():
-            return array.to_device(device)
-    return array
+    return host.astype(np.float64) if host.dtype.kind == "f" else host

@@ -20,17 +20,16 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
-from array_api_compat import array_namespace
+from array_api_compat import array_namespace, is_numpy_namespace
 
-from portable_brn.kernels import kernel_forced
-from portable_brn.numpy_kernel import NumpyKernel, is_numpy
+from portable_brn.kernels import Kernel, kernel_forced
 
 from .arrays import DTYPE_NAMES, from_numpy, to_numpy
 from .cases import Case, Outputs
 from .runner import run_core
 
 __all__ = ["QUICK_CASES", "Backend", "CoreBackend", "DaskBackend", "JaxBackend",
-           "NumpyUfuncBackend", "ReadOnlyNumpyBackend", "StrictBackend", "Unavailable",
+           "NumpyKernelBackend", "ReadOnlyNumpyBackend", "StrictBackend", "Unavailable",
            "cupy_backend", "module_backend", "namespace_of_module", "numpy_backend",
            "quiet_nonfinite", "torch_backend"]
 
@@ -48,7 +47,12 @@ QUICK_CASES = {
 
 
 class Unavailable(Exception):
-    """Raised while loading a backend that cannot run here; the message says why."""
+    """Raised while loading a backend that cannot run here; the message says why, and
+    ``missing`` names the top-level module that is not installed, if that is the reason."""
+
+    def __init__(self, reason: str, *, missing: str | None = None) -> None:
+        super().__init__(reason)
+        self.missing = missing
 
 
 class Backend(ABC):
@@ -64,17 +68,24 @@ class Backend(ABC):
     quick_cases: Mapping[str, frozenset[str]] | None = None
 
     @cached_property
-    def skip_reason(self) -> str | None:
-        """None when the backend can run here, else why not (computed once)."""
+    def unavailable(self) -> Unavailable | None:
+        """None when the backend can run here, else the ``Unavailable`` that says why
+        (computed once).  Any other error while loading, an ``ImportError`` inside the
+        project's own code included, is a bug and propagates."""
         try:
             self.load()
-        except (ImportError, Unavailable) as error:
-            return str(error) or type(error).__name__
+        except Unavailable as error:
+            return error
         return None
+
+    @property
+    def skip_reason(self) -> str | None:
+        """None when the backend can run here, else why not."""
+        return None if self.unavailable is None else str(self.unavailable)
 
     @abstractmethod
     def load(self) -> None:
-        """Import what the backend needs; raise ``ImportError`` or ``Unavailable``."""
+        """Import what the backend needs; raise ``Unavailable`` when it cannot run here."""
 
     def supports(self, case: Case) -> str | None:
         """None when ``case`` can be expressed with this backend, else why not."""
@@ -180,16 +191,33 @@ class ReadOnlyNumpyBackend(CoreBackend):
         return array
 
 
-class NumpyUfuncBackend(CoreBackend):
-    """NumPy through ``NumpyKernel``, the kernel NumPy arrays get without Numba, even
-    where the Numba kernel is installed (which the ``numpy`` backend then runs)."""
+class NumpyKernelBackend(CoreBackend):
+    """NumPy through one built-in NumPy kernel, whichever NumPy arrays get by default:
+    ``numpy-ufuncs`` (``NumpyKernel``, what serves NumPy without Numba) and
+    ``numpy-numba`` (``NumbaKernel``, skipped where Numba does not import); the
+    ``numpy`` backend runs the default choice."""
 
-    def __init__(self) -> None:
-        super().__init__("numpy-ufuncs", "NumPy through its ufunc kernel, Numba or not",
-                         ("float64", "float32"), lambda: (np, None))
+    def __init__(self, kernel: str) -> None:
+        about = {"ufuncs": "NumPy through its ufunc kernel, Numba or not",
+                 "numba": "NumPy through its Numba kernel"}[kernel]
+        self.kernel_name = kernel
+        super().__init__(f"numpy-{kernel}", about, ("float64", "float32"), lambda: (np, None))
+
+    def load(self) -> None:
+        super().load()
+        self.kernel = self._kernel()
+
+    def _kernel(self) -> Kernel:
+        """The kernel this backend forces; ``Unavailable`` when it cannot run here."""
+        if self.kernel_name == "ufuncs":
+            from portable_brn.numpy_kernel import NUMPY_KERNEL
+            return NUMPY_KERNEL
+        _import("numba", "numba")()
+        from portable_brn.numba_kernel import numba_kernel
+        return numba_kernel()
 
     def context(self) -> contextlib.AbstractContextManager:
-        return kernel_forced(is_numpy, NumpyKernel())
+        return kernel_forced(is_numpy_namespace, self.kernel)
 
 
 class StrictBackend(CoreBackend):
@@ -207,7 +235,7 @@ class StrictBackend(CoreBackend):
             f" on Device({device_name!r})" if device_name else "")
 
         def loader() -> tuple[Any, Any]:
-            import array_api_strict as xp
+            xp, _ = _import("array_api_strict", "array_api_strict")()
             return xp, (xp.Device(device_name) if device_name else None)
 
         super().__init__(name, about, ("float64", "float32"), loader)
@@ -223,12 +251,8 @@ class DaskBackend(CoreBackend):
     op makes it the slowest case here)."""
 
     def __init__(self) -> None:
-        def loader() -> tuple[Any, Any]:
-            import array_api_compat.dask.array as xp
-            return xp, None
-
         super().__init__("dask", "dask.array via array-api-compat, 2 chunks",
-                         ("float64", "float32"), loader)
+                         ("float64", "float32"), _import("array_api_compat.dask.array", "dask"))
         self.quick_cases = {dtype: names - {"long_run"} for dtype, names in QUICK_CASES.items()}
 
     def asarray(self, array: np.ndarray | None, dtype: Any) -> Any:
@@ -257,7 +281,7 @@ class JaxBackend(CoreBackend):
     only (``jax.enable_x64``), so other JAX users in the process are not affected."""
 
     def __init__(self) -> None:
-        super().__init__("jax", "JAX core path under jax.jit, x64",
+        super().__init__("jax", "JAX core path (its XLA kernel) under jax.jit, x64",
                          ("float64", "float32", "bfloat16"), _import("jax.numpy", "jax"))
         self.quick_cases = QUICK_CASES
 
@@ -275,10 +299,7 @@ class JaxBackend(CoreBackend):
 
 def _cupy() -> tuple[Any, Any]:
     """CuPy through array-api-compat, when a GPU is there."""
-    try:
-        import cupy
-    except ImportError as error:
-        raise Unavailable("cupy is not installed") from error
+    cupy, _ = _import("cupy", "cupy")()
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as error:  # CUDA runtime missing or broken: no GPU to use
@@ -294,13 +315,17 @@ def _import(module: str, package: str) -> Callable[[], tuple[Any, Any]]:
     def loader() -> tuple[Any, Any]:
         try:
             return importlib.import_module(module), None
-        except ImportError as error:
-            raise Unavailable(f"{package} is not installed") from error
+        except ModuleNotFoundError as error:
+            if (error.name or "").partition(".")[0] != package:
+                raise
+            raise Unavailable(f"{package} is not installed", missing=package) from error
     return loader
 
 
 def numpy_backend() -> CoreBackend:
-    return CoreBackend("numpy", "NumPy", ("float64", "float32", "float16"), lambda: (np, None))
+    return CoreBackend("numpy", "NumPy, the kernel it gets by default (Numba where it "
+                       "imports, else ufuncs)", ("float64", "float32", "float16"),
+                       lambda: (np, None))
 
 
 def torch_backend() -> CoreBackend:

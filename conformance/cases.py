@@ -249,6 +249,15 @@ def build_cases() -> tuple[Case, ...]:
                      "start_step": 5, "end_step": 30},
               d_max={"kind": "linear", "start_value": 0.0, "end_value": 2.0,
                      "start_step": 5, "end_step": 20}),
+        _case("infinite_limits", "r_max = d_max = inf: no clipping after 2 warm-up steps",
+              (16, 4), _steps(4, **far), r_max=math.inf, d_max=math.inf, warmup_steps=2,
+              state=(0.0, 1.0)),
+        _case("infinite_schedules", "linear r_max and d_max ramps to inf over steps 1-3",
+              (16, 4), _steps(5, **far), state=(0.0, 1.0),
+              r_max={"kind": "linear", "start_value": 1.0, "end_value": math.inf,
+                     "start_step": 1, "end_step": 3},
+              d_max={"kind": "linear", "start_value": 0.0, "end_value": math.inf,
+                     "start_step": 1, "end_step": 3}),
     )
 
 

@@ -6,8 +6,9 @@ array, with the bound set by the input dtype.  Outputs are grouped into four che
 ``gradients`` (``dx``, ``dweight``, ``dbias``) and ``state`` (``mean``, ``std``,
 ``step``, ``finite``).  ``step`` and ``finite`` must match exactly.
 
-NaN never passes: an output that is NaN or Inf where the expected value is finite (or
-finite where it is not) has error NaN, and ``NaN <= bound`` is false.  Where the
+A wrong output never passes: an output of another shape, or NaN or Inf where the
+expected value is finite (or finite where it is not), has error Inf, never NaN, so any
+aggregate (Python's ``max`` included, for which ``max(0.0, nan)`` is 0.0) fails too.  Where the
 expected value itself is not finite (a NaN batch, SPEC section 7: "whatever the
 arithmetic gives") only the positions of the non-finite entries must agree.
 """
@@ -38,19 +39,21 @@ def check_name(kind: str, output: str) -> str:
 
 
 def relative_error(out: np.ndarray, ref: np.ndarray) -> float:
-    """``||out - ref|| / ||ref||`` over the entries where ``ref`` is finite; NaN when the
-    shapes or the positions of non-finite entries differ; 0 when both are zero."""
+    """``||out - ref|| / ||ref||`` over the entries where ``ref`` is finite; 0 when both
+    are zero; Inf, never NaN, when the shapes or the positions of non-finite entries
+    differ (so that ``max`` and ``<=`` over errors cannot let a wrong output through)."""
     out, ref = np.asarray(out, dtype=np.float64), np.asarray(ref, dtype=np.float64)
     if out.shape != ref.shape:
-        return math.nan
+        return math.inf
     finite = np.isfinite(ref)
     if not np.array_equal(finite, np.isfinite(out)):
-        return math.nan
+        return math.inf
     diff = float(np.linalg.norm(out[finite] - ref[finite]))
     norm = float(np.linalg.norm(ref[finite]))
     if norm == 0.0:
         return 0.0 if diff == 0.0 else math.inf
-    return diff / norm
+    error = diff / norm
+    return math.inf if math.isnan(error) else error  # inf / inf: norms past float64
 
 
 def _error(name: str, out: np.ndarray, ref: np.ndarray) -> float:

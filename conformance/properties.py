@@ -183,20 +183,24 @@ def dx_orthogonality(xp: Any, x: np.ndarray, dy: np.ndarray, mean: np.ndarray,
 def finite_difference(xp: Any, x: np.ndarray, dy: np.ndarray, weight: np.ndarray,
                       bias: np.ndarray, *, feature_axis: Any = 1, eps: float = 1e-3,
                       r_max: float = 2.0, d_max: float = 0.5, directions: int = 4,
-                      step: float = 1e-5, seed: int = 0, device: Any = None) -> float:
+                      step: float = 1e-5, seed: int = 0, device: Any = None,
+                      output_clip: tuple[float, float] | None = None) -> float:
     """Float64 central differences of ``L = sum(dy * y)`` along random directions of
     ``x``, ``weight`` and ``bias`` against the core's ``backward``.
 
     r and d are constants of the gradient (SPEC section 4), so the moving statistics are
     set for both clips to bind with a wide margin (r = r_max, d = -d_max): the forward
-    is then locally the function the backward differentiates.  Returns the largest
+    is then locally the function the backward differentiates.  An ``output_clip`` must
+    keep its bounds well away from every ``z = x_hat * r_max - d_max`` (many ``step``
+    sizes), so that no difference crosses one.  Returns the largest
     ``|fd - analytic| / (||whole gradient|| * ||direction||)``.
     """
     batch_mean, batch_std = _stats(x, feature_axis, eps)
     shape = np.shape(weight)
     std = np.reshape(batch_std, shape) / (4.0 * r_max)
     mean = np.reshape(batch_mean, shape) + 4.0 * d_max * std
-    config = RenormConfig(feature_axis=feature_axis, eps=eps, r_max=r_max, d_max=d_max)
+    config = RenormConfig(feature_axis=feature_axis, eps=eps, r_max=r_max, d_max=d_max,
+                          output_clip=output_clip)
 
     def loss(x_: np.ndarray, w: np.ndarray, b: np.ndarray) -> float:
         return float(np.sum(dy * _train(xp, x_, mean, std, w, b, None, config, device)["y"]))

@@ -21,6 +21,8 @@ Conventions decided here (SPEC.md leaves them open):
 - A ``"linear"`` schedule whose ``end_step <= start_step`` is a step function: the
   start value before ``start_step``, the end value from it on.
 - ``output_clip=(lo, hi)`` accepts ``None`` for either bound (no clip on that side).
+- Infinite limits (``r_max`` or ``d_max`` of ``inf``) mean no clipping; a ``"linear"``
+  schedule with an infinite end is infinite strictly between its steps.
 - ``dweight`` is ``None`` when ``weight`` is ``None``; ``dbias`` is ``None`` when
   ``bias`` is ``None``; ``dx`` is ``None`` when ``dy`` is ``None``.
 - The non-finite guard also applies to :func:`recurrent_steps` (per feature, on the
@@ -66,6 +68,8 @@ def _linear(start_value, end_value, start_step, end_step, step) -> float:
     if s1 <= s0:  # degenerate ramp: a step from a to b at s0
         return b if t >= s0 else a
     fraction = min(max((t - s0) / (s1 - s0), 0.0), 1.0)
+    if math.isinf(a) or math.isinf(b):  # the line's limit: infinite inside the ramp
+        return a if fraction == 0.0 else b if fraction == 1.0 else a + b
     return a + (b - a) * fraction
 
 
@@ -173,8 +177,12 @@ def train_step(
     warmup_steps: int = 0,
     micro_batch: int | None = None,
     output_clip: tuple[float | None, float | None] | None = None,
+    mask: ArrayLike | None = None,
 ) -> dict[str, Any]:
     """One Batch Renormalization training step (SPEC.md sections 2, 4 and 5), float64.
+
+    ``mask`` (boolean, broadcastable to ``x``) selects the elements the batch statistics
+    are computed over; every element is transformed and gets a gradient.
 
     Returns a dict with ``y``, ``dx``, ``dweight``, ``dbias`` (``None`` where not
     applicable), the new state ``mean``, ``std``, ``step``, the per-group ``r``, ``d``,
@@ -225,6 +233,9 @@ def train_step(
 
     xv = _to_vectors(x, feature_axes, groups)
     gv = None if dy is None else _to_vectors(dy, feature_axes, groups)
+    counted = np.ones(x.shape, dtype=bool) if mask is None else np.broadcast_to(
+        np.asarray(mask, dtype=bool), x.shape)
+    cv = _to_vectors(counted, feature_axes, groups)
 
     yv = np.empty_like(xv)
     dxv = None if dy is None else np.empty_like(xv)
@@ -239,10 +250,12 @@ def train_step(
         for f in range(n_features):
             for g in range(groups):
                 v = xv[f, g]  # the m reduced elements of feature f in group g
+                c = cv[f, g]  # which of them count towards the statistics
+                n_c = int(np.sum(c))
 
-                # Forward, Algorithm 1.
-                mu = np.mean(v)
-                sigma = np.sqrt(np.mean((v - mu) ** 2) + eps)
+                # Forward, Algorithm 1, over the counted elements (NaN if none).
+                mu = np.sum(v[c]) / n_c if n_c else np.nan
+                sigma = np.sqrt(np.sum((v[c] - mu) ** 2) / n_c + eps) if n_c else np.nan
                 if warm:
                     r, d = 1.0, 0.0
                 else:
@@ -273,7 +286,9 @@ def train_step(
                     g_z = grad if weight_f is None else weight_f[f] * grad
                     g_z = np.where(bound, 0.0, g_z)
                     g_xhat = r * g_z
-                    dxv[f, g] = (g_xhat - np.mean(g_xhat) - x_hat * np.mean(g_xhat * x_hat)) / sigma
+                    # Every output depends on mu and sigma, which only counted elements move.
+                    s1, s2 = np.sum(g_xhat), np.sum(g_xhat * x_hat)
+                    dxv[f, g] = (g_xhat - c * (s1 + x_hat * s2) / n_c) / sigma
 
         # Moving statistics: once per call, toward the mean over groups.
         finite = np.all(np.isfinite(mu_b), axis=0) & np.all(np.isfinite(sigma_b), axis=0)

@@ -19,7 +19,7 @@ from .backends import (
     Backend,
     DaskBackend,
     JaxBackend,
-    NumpyUfuncBackend,
+    NumpyKernelBackend,
     ReadOnlyNumpyBackend,
     StrictBackend,
     cupy_backend,
@@ -35,7 +35,8 @@ def all_backends() -> list[Backend]:
     """One fresh instance of every registered backend."""
     numpy, cupy = numpy_backend(), cupy_backend()
     return [
-        numpy, NumpyUfuncBackend(), ReadOnlyNumpyBackend(), StrictBackend(),
+        numpy, NumpyKernelBackend("ufuncs"), NumpyKernelBackend("numba"),
+        ReadOnlyNumpyBackend(), StrictBackend(),
         StrictBackend("device1"), DaskBackend(), torch_backend(), JaxBackend(), cupy,
         ArrayLayerBackend(numpy), ArrayLayerBackend(cupy), TorchModulesBackend(),
         JaxFunctionalBackend(use_custom_vjp=True), JaxFunctionalBackend(use_custom_vjp=False),

@@ -4,7 +4,8 @@
 inference, gradients and state to the reference within SPEC section 6;
 ``test_pairwise`` holds every pair of backends to each other at float64;
 ``test_properties`` runs the property checks on every namespace backend;
-``test_backend_available`` skips, with the reason, each backend that cannot run here.
+``test_backend_available`` skips, with the reason, each backend that cannot run here
+(fails, under ``CI``, where the reason is a missing framework CI must have: see ``ci``).
 
 Only the combinations that apply are collected: every backend runs every case it
 supports at float64; below float64 slow backends keep to their quick subset (see
@@ -23,6 +24,7 @@ import pytest
 from portable_brn.conformance import golden, properties
 from portable_brn.conformance.cases import Outputs
 from portable_brn.conformance.checks import TOLERANCE, compare_runs, compare_to_expected
+from portable_brn.conformance.ci import required_here
 from portable_brn.conformance.registry import all_backends
 
 BACKENDS = {backend.name: backend for backend in all_backends()}
@@ -47,9 +49,12 @@ def _case_params() -> list:
 
 @pytest.mark.parametrize("name", list(BACKENDS))
 def test_backend_available(name: str) -> None:
-    reason = BACKENDS[name].skip_reason
-    if reason:
-        pytest.skip(f"{name}: {reason}")
+    unavailable = BACKENDS[name].unavailable
+    if unavailable is None:
+        return
+    if required_here(unavailable.missing):
+        pytest.fail(f"{name}: {unavailable} (CI is set, and CI must have {unavailable.missing})")
+    pytest.skip(f"{name}: {unavailable}")
 
 
 @pytest.mark.parametrize(("backend", "dtype", "case"), _case_params())

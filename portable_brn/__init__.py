@@ -5,7 +5,7 @@ PyTorch, JAX, array-api-strict, ...); ``portable_brn.adapters`` wraps it in each
 framework's layers and conventions.
 """
 
-from . import numba_kernel, numpy_kernel, schedules  # noqa: F401  (register the NumPy kernels)
+from . import schedules
 from .config import RenormConfig
 from .moments import Moments, merge_moments, moments
 from .recalibrate import recalibrate

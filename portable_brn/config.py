@@ -14,22 +14,27 @@ FeatureAxis = int | tuple[int, ...]
 
 
 def _require_number(name: str, value: object, *, low: float, high: float = math.inf,
-                    low_open: bool = False, high_open: bool = False) -> None:
-    """Raise a ``ValueError``/``TypeError`` naming ``name`` unless low <(=) value <(=) high."""
+                    low_open: bool = False, high_open: bool = False,
+                    allow_inf: bool = False) -> None:
+    """Raise a ``ValueError``/``TypeError`` naming ``name`` unless low <(=) value <(=) high;
+    NaN never passes, +inf only with ``allow_inf`` (a limit of inf: no clipping)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {value!r}")
     too_low = value <= low if low_open else value < low
     too_high = value >= high if high_open else value > high
-    if too_low or too_high or not math.isfinite(value):
-        left, right = "(" if low_open else "[", ")" if high_open or high == math.inf else "]"
+    infinite = value == math.inf and not allow_inf
+    if too_low or too_high or infinite or math.isnan(value):
+        left = "(" if low_open else "["
+        right = "]" if allow_inf or not (high_open or high == math.inf) else ")"
         raise ValueError(f"{name} must be in {left}{low}, {high}{right}, got {value!r}")
 
 
 def _require_schedule(name: str, value: object, *, low: float, high: float = math.inf,
-                      low_open: bool = False) -> None:
+                      low_open: bool = False, allow_inf: bool = False) -> None:
     """Check a float or schedule; schedules with a known range are checked over it."""
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        _require_number(name, value, low=low, high=high, low_open=low_open)
+        _require_number(name, value, low=low, high=high, low_open=low_open,
+                        allow_inf=allow_inf)
         return
     if not callable(value):
         raise TypeError(f"{name} must be a number or a schedule (a callable of the step), "
@@ -38,7 +43,7 @@ def _require_schedule(name: str, value: object, *, low: float, high: float = mat
     if value_range is not None:
         for end in value_range():
             _require_number(f"{name} (schedule value)", end, low=low, high=high,
-                            low_open=low_open)
+                            low_open=low_open, allow_inf=allow_inf)
 
 
 def _require_int(name: str, value: object, *, low: int) -> None:
@@ -68,7 +73,9 @@ class RenormConfig:
     ``momentum`` is the paper's update rate alpha, the weight of the new batch statistic: a
     number or a schedule (``schedules.cumulative_average()`` is torch's ``momentum=None``).
     ``r_max``, ``d_max`` and ``r_min`` take a number or a schedule (see ``schedules``);
-    ``r_min=None`` means ``1 / r_max``.
+    ``r_min=None`` means ``1 / r_max``.  ``r_max`` and ``d_max`` may be ``math.inf``: no
+    clipping on that side (``r_max=inf`` makes the derived ``r_min`` 0, so r is not
+    clipped at all; warm-up still gives r = 1, d = 0 exactly).
     """
 
     feature_axis: FeatureAxis = 1
@@ -87,8 +94,8 @@ class RenormConfig:
         _check_feature_axis(self.feature_axis)
         _require_number("eps", self.eps, low=0.0, low_open=True)
         _require_schedule("momentum", self.momentum, low=0.0, high=1.0, low_open=True)
-        _require_schedule("r_max", self.r_max, low=1.0)
-        _require_schedule("d_max", self.d_max, low=0.0)
+        _require_schedule("r_max", self.r_max, low=1.0, allow_inf=True)
+        _require_schedule("d_max", self.d_max, low=0.0, allow_inf=True)
         if self.r_min is not None:
             _require_schedule("r_min", self.r_min, low=0.0, high=1.0, low_open=True)
         _require_int("warmup_steps", self.warmup_steps, low=0)

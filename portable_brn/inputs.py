@@ -8,17 +8,35 @@ produces a new state.
 from __future__ import annotations
 
 from functools import lru_cache
+from types import ModuleType
 from typing import Any
 
 from array_api_compat import array_namespace, device, is_jax_array
 
-__all__ = ["check_floating", "check_param", "check_same_device", "floating_namespace",
-           "namespace_of", "per_feature_namespace"]
+__all__ = ["as_namespace", "check_floating", "check_param", "check_same_device",
+           "floating_namespace", "namespace_of", "per_feature_namespace"]
 
 
 def _kind(array: Any) -> str:
     """The qualified type name of ``array``, for messages."""
     return f"{type(array).__module__}.{type(array).__name__}"
+
+
+def as_namespace(xp: Any, name: str = "xp") -> Any:
+    """``xp`` as an Array API namespace: a namespace is returned as it is; a framework
+    module that is not one (``torch``) is mapped to the namespace of its arrays
+    (``array_api_compat.torch``); anything else is a ``TypeError`` naming ``name``."""
+    if hasattr(xp, "__array_namespace_info__"):
+        return xp
+    asarray = getattr(xp, "asarray", None)
+    if isinstance(xp, ModuleType) and callable(asarray):
+        try:
+            return array_namespace(asarray(0))
+        except Exception:  # not an array library: refused below
+            pass
+    raise TypeError(f"{name} must be an Array API namespace (numpy, jax.numpy, "
+                    f"array_api_strict, array_api_compat.torch, ...) or a module whose "
+                    f"arrays have one (torch, cupy), got {xp!r}")
 
 
 _NAMESPACES: dict[tuple[type, ...], Any] = {}  # array types -> their one namespace

@@ -2,11 +2,15 @@
 
 The renormalization algebra (r, d, schedules, state) is per-feature and lives in
 ``renorm``; the few operations that touch every element live here.  ``GenericKernel``
-is written against the Array API standard and is the reference; a backend may
-register a faster kernel for its namespace, which the conformance suite holds to it.
+is written against the Array API standard and is the reference.  The faster built-in
+kernels (``numpy_kernel``, ``numba_kernel``, ``xla_kernel``) are picked from the array
+namespace alone, their modules imported on first use, so a call runs the same code
+whatever was imported before it; a third party may register its own kernel for a
+namespace, which then wins over the built-in one.  The conformance suite runs each
+built-in kernel under its own backend name.
 
 Conventions: ``view`` is the input reshaped to ``layout.view_shape``; per-feature
-arrays have ``layout.stat_shape`` (or broadcast against it) in the compute dtype.
+arrays have ``layout.batch_stat_shape`` (or broadcast against it) in the compute dtype.
 """
 
 from __future__ import annotations
@@ -15,11 +19,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
 
+from array_api_compat import is_jax_namespace, is_numpy_namespace
+
 from .layout import Layout
 from .moments import ReplicaMean, accumulator_dtype, as_compute, reduce_sum, view_moments
 
-__all__ = ["GenericKernel", "Kernel", "fast_kernels_disabled", "kernel_for", "kernel_forced",
-           "register_kernel"]
+__all__ = ["GenericKernel", "Kernel", "builtin_kernel", "fast_kernels_disabled", "kernel_for",
+           "kernel_forced", "register_kernel"]
 
 
 class Kernel(Protocol):
@@ -86,39 +92,60 @@ class GenericKernel:
 
 _GENERIC = GenericKernel()
 _REGISTRY: list[tuple[Callable[[Any], bool], Kernel]] = []
+_builtins_off = 0  # depth of nested ``fast_kernels_disabled`` blocks
 
 
 def register_kernel(matches: Callable[[Any], bool], kernel: Kernel) -> None:
-    """Use ``kernel`` for every namespace ``xp`` with ``matches(xp)``; last wins."""
+    """Use ``kernel`` for every namespace ``xp`` with ``matches(xp)``, in place of the
+    built-in one (a third party may replace the NumPy kernel too); last wins."""
     _REGISTRY.insert(0, (matches, kernel))
 
 
 def kernel_for(xp: Any, replica_mean: ReplicaMean | None = None) -> Kernel:
-    """The fastest registered kernel for ``xp``; the generic one with replicas."""
-    if replica_mean is None:
-        for matches, kernel in _REGISTRY:
-            if matches(xp):
-                return kernel
+    """The kernel for namespace ``xp``: a registered one that matches, else the built-in
+    one (chosen from ``xp`` alone, never from what was imported before), else the
+    generic one, which also serves every call with replicas."""
+    if replica_mean is not None:
+        return _GENERIC
+    for matches, kernel in _REGISTRY:
+        if matches(xp):
+            return kernel
+    return _GENERIC if _builtins_off else builtin_kernel(xp)
+
+
+def builtin_kernel(xp: Any) -> Kernel:
+    """The kernel this package ships for ``xp``, its module imported on first use: Numba
+    (when it imports) or ufuncs for NumPy, XLA hints for JAX, generic for the rest."""
+    if is_numpy_namespace(xp):
+        from .numba_kernel import numba_kernel
+        from .numpy_kernel import NUMPY_KERNEL
+        return numba_kernel() or NUMPY_KERNEL
+    if is_jax_namespace(xp):
+        from .xla_kernel import XLA_KERNEL
+        return XLA_KERNEL
     return _GENERIC
 
 
 @contextmanager
 def fast_kernels_disabled() -> Iterator[None]:
     """Within the block every namespace uses the generic kernel (to compare or time the
-    reference path against the fast ones).  Process-wide, not per thread: for tests and
-    benchmarks, not for concurrent use."""
+    reference path against the fast ones); ``kernel_forced`` still applies inside.
+    Process-wide, not per thread: for tests and benchmarks, not for concurrent use."""
+    global _builtins_off
     saved = list(_REGISTRY)
     _REGISTRY.clear()
+    _builtins_off += 1
     try:
         yield
     finally:
+        _builtins_off -= 1
         _REGISTRY[:0] = saved
 
 
 @contextmanager
 def kernel_forced(matches: Callable[[Any], bool], kernel: Kernel) -> Iterator[None]:
     """Within the block ``kernel`` serves every namespace ``xp`` with ``matches(xp)``
-    (to time or test one kernel where a faster one is registered).  Process-wide, not
+    (to time or test one kernel where another is built in or registered).  Process-wide, not
     per thread: for tests and benchmarks, not for concurrent use."""
     entry = (matches, kernel)
     _REGISTRY.insert(0, entry)

@@ -48,8 +48,9 @@ class Layout:
         return tuple(a for a in range(start, len(self.view_shape)) if a not in keep)
 
     @cached_property
-    def stat_shape(self) -> tuple[int, ...]:
-        """Shape of a per-feature (per-group) statistic that broadcasts against the view."""
+    def batch_stat_shape(self) -> tuple[int, ...]:
+        """Shape of a batch statistic, one per feature and per micro-batch group, that
+        broadcasts against the view."""
         keep = set(self.view_feature_axes) | ({0} if self.grouped else set())
         return tuple(n if a in keep else 1 for a, n in enumerate(self.view_shape))
 
@@ -59,8 +60,9 @@ class Layout:
         return tuple(self.shape[a] for a in self.feature_axes)
 
     @cached_property
-    def state_stat_shape(self) -> tuple[int, ...]:
-        """Shape that broadcasts a moving statistic against the view."""
+    def moving_stat_shape(self) -> tuple[int, ...]:
+        """Shape of a moving statistic (one per feature, shared by the groups) that
+        broadcasts against the view."""
         keep = set(self.view_feature_axes)
         return tuple(n if a in keep else 1 for a, n in enumerate(self.view_shape))
 

@@ -13,9 +13,9 @@ the moments take a second pass centered on the mean in the same cases as
 be entered from two Python threads at once, and still beat ``NumpyKernel`` on two
 threads: 4.3 against 7.3 copies for a training step at (32, 56, 56, 64).
 
-Numba is imported, and the passes compiled (cached on disk), on first use; a Numba that
-does not import (say, one older than the installed NumPy) leaves ``NumpyKernel`` in
-charge, with a warning.
+Numba is imported, and the passes compiled (cached on disk), on the first NumPy call
+(``kernels.builtin_kernel``); a Numba that does not import (say, one older than the
+installed NumPy) leaves ``NumpyKernel`` in charge, with a warning.
 """
 
 from __future__ import annotations
@@ -28,10 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from .kernels import register_kernel
-from .numpy_kernel import NumpyKernel, _Canonical, as_stats, is_numpy, moments_from_sums
+from .numpy_kernel import NumpyKernel, _Canonical, as_stats, moments_from_sums
 
-__all__ = ["NumbaKernel"]
+__all__ = ["NumbaKernel", "numba_kernel"]
 
 _BLOCK_ROWS = 64  # rows summed in the input's dtype before going to float64
 
@@ -231,28 +230,27 @@ def _numba_import_error() -> str | None:
 
 
 _WARNED: set[str] = set()  # import errors already warned about
+_NUMBA_KERNEL = NumbaKernel()
 
 
-def _numba_serves(xp: Any) -> bool:
-    """Whether this kernel serves ``xp``: NumPy, with a Numba that imports (warned once
-    when it does not, after which ``NumpyKernel`` serves NumPy)."""
-    if not is_numpy(xp):
-        return False
+def numba_kernel() -> NumbaKernel | None:
+    """The kernel for NumPy arrays when Numba is installed and imports, else None (with
+    a warning, once per error, when it is installed but does not import: then
+    ``NumpyKernel`` serves NumPy)."""
+    if not _numba_installed():
+        return None
     error = _numba_import_error()
     if error is not None and error not in _WARNED:
         _WARNED.add(error)
         warnings.warn(f"Numba is installed but does not import ({error}); NumPy arrays use "
-                      f"portable_brn's ufunc kernel instead", RuntimeWarning, stacklevel=3)
-    return error is None
+                      f"portable_brn's ufunc kernel instead", RuntimeWarning, stacklevel=5)
+    return _NUMBA_KERNEL if error is None else None
 
 
+@cache
 def _numba_installed() -> bool:
-    """Whether a Numba is installed (without importing it)."""
+    """Whether a Numba is installed (without importing it; looked up once)."""
     try:
         return importlib.util.find_spec("numba") is not None
     except ValueError:  # a stand-in module without a spec: let the import decide
         return True
-
-
-if _numba_installed():
-    register_kernel(_numba_serves, NumbaKernel())

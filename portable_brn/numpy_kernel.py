@@ -28,11 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from .kernels import GenericKernel, register_kernel
+from .kernels import GenericKernel
 from .layout import Layout
 from .moments import ReplicaMean
 
-__all__ = ["NumpyKernel", "as_stats", "is_numpy", "moments_from_sums"]
+__all__ = ["NUMPY_KERNEL", "NumpyKernel", "as_stats", "moments_from_sums"]
 
 _BLOCK_ELEMENTS = 1 << 17  # 512 KiB of float32: a block stays in L2 between passes
 _SUM_ROWS = 4096  # at most this many rows summed in float32 before going to float64
@@ -127,7 +127,7 @@ def _tasks(shape: tuple[int, int, int, int], block_elements: int,
 
 def as_stats(layout: Layout, dtype: Any, *sums: np.ndarray) -> tuple[np.ndarray, ...]:
     """Float64 per-feature results in ``dtype``, shaped to broadcast against the view."""
-    return tuple(a.astype(dtype).reshape(layout.stat_shape) for a in sums)
+    return tuple(a.astype(dtype).reshape(layout.batch_stat_shape) for a in sums)
 
 
 def moments_from_sums(sums: Callable[[np.ndarray | None], Any], layout: Layout,
@@ -184,7 +184,7 @@ class _Canonical:
         feature, say, or per group) is broadcast first."""
         features = self.shape[2] // self.fold
         if a.size != self.shape[0] * features:
-            a = np.broadcast_to(a, self.layout.stat_shape)
+            a = np.broadcast_to(a, self.layout.batch_stat_shape)
         return a.reshape(-1, features)
 
     def per_feature(self, a: np.ndarray) -> np.ndarray:
@@ -349,9 +349,4 @@ class NumpyKernel(GenericKernel):
         return dx
 
 
-def is_numpy(xp: Any) -> bool:
-    """Whether ``xp`` is NumPy itself or array-api-compat's wrapper of it."""
-    return xp.__name__ in ("numpy", "array_api_compat.numpy")
-
-
-register_kernel(is_numpy, NumpyKernel())
+NUMPY_KERNEL = NumpyKernel()  # what NumPy arrays get where the Numba kernel does not serve

@@ -19,28 +19,41 @@ from .state import RenormState, zero_step
 __all__ = ["recalibrate"]
 
 
-def _batch_moments(batches: Iterable[Any], config: RenormConfig) -> Iterator[Moments]:
-    """The moments of each batch, after checking it is a floating array (errors name
-    ``batches[i]``)."""
-    for index, batch in enumerate(batches):
+def _batch_moments(batches: Iterable[Any], masks: Iterable[Any] | None,
+                   config: RenormConfig) -> Iterator[Moments]:
+    """The moments of each batch (over its mask's counted elements), after checking it
+    is a floating array (errors name ``batches[i]`` and ``masks[i]``)."""
+    pairs = (((batch, None) for batch in batches) if masks is None
+             else zip(batches, masks, strict=True))
+    for index, (batch, mask) in enumerate(pairs):
         floating_namespace(f"batches[{index}]", batch)
-        yield moments(batch, config.feature_axis)
+        try:
+            yield moments(batch, config.feature_axis, mask=mask)
+        except (TypeError, ValueError) as error:
+            if mask is None:
+                raise
+            raise type(error)(f"masks[{index}]: {error}") from error
 
 
 def recalibrate(batches: Iterable[Any], config: RenormConfig, *,
-                state: RenormState | None = None) -> RenormState:
+                state: RenormState | None = None,
+                masks: Iterable[Any] | None = None) -> RenormState:
     """State whose mean and std are the exact statistics of all ``batches`` together.
 
     ``std = sqrt(pooled biased variance + eps)``.  The step (and dtype) come from
     ``state`` when given; otherwise the step is 0 and the dtype the compute dtype.
-    Every batch must share the first one's library, device and features.
+    Every batch must share the first one's library, device and features.  ``masks``,
+    one per batch, restrict the statistics to the counted elements; a feature no batch
+    counted keeps ``state``'s statistics (NaN without a ``state``).
     """
-    pooled = merge_moments(_batch_moments(batches, config), name="batches")
+    pooled = merge_moments(_batch_moments(batches, masks, config), name="batches")
     xp = namespace_of(batches=pooled.mean)
     std = xp.sqrt(pooled.var + config.eps)
     if state is None:
         return RenormState(pooled.mean, std, zero_step(xp, device(pooled.mean)))
     per_feature_namespace(**{"batches": pooled.mean, "state.mean": state.mean,
                              "state.std": state.std})
-    return RenormState(xp.astype(pooled.mean, state.mean.dtype),
-                       xp.astype(std, state.std.dtype), state.step)
+    counted = xp.isfinite(pooled.mean) & xp.isfinite(std)
+    return RenormState(xp.where(counted, xp.astype(pooled.mean, state.mean.dtype), state.mean),
+                       xp.where(counted, xp.astype(std, state.std.dtype), state.std),
+                       state.step)

@@ -21,7 +21,16 @@ from .inputs import (
 )
 from .kernels import kernel_for
 from .layout import Layout, make_layout
-from .moments import Moments, ReplicaMean, compute_dtype, merge_moments
+from .moments import (
+    Moments,
+    ReplicaMean,
+    as_compute,
+    compute_dtype,
+    mask_as_view,
+    masked_view_moments,
+    merge_moments,
+    merge_two,
+)
 from .state import RenormState
 
 __all__ = ["Residuals", "backward", "clip_limits", "deferred_update", "forward_infer",
@@ -35,6 +44,8 @@ class Residuals(NamedTuple):
     ``moments`` are the batch's own (pooled over micro-batches) in the state's shape,
     ready for ``deferred_update``; ``finite`` is False for features whose batch
     statistic was NaN or Inf, whose moving statistics were therefore left as they were.
+    ``mask`` is the forward's mask in the view's shape (None: every element counted) and
+    ``count`` the number of counted elements per statistic (an int without a mask).
     """
 
     x: Any
@@ -50,6 +61,8 @@ class Residuals(NamedTuple):
     layout: Layout
     replica_mean: ReplicaMean
     bias_dtype: Any
+    mask: Any = None
+    count: Any = None
 
 
 def _check_call(x: Any, state: RenormState, weight: Any, bias: Any, layout_of: Callable) -> tuple:
@@ -69,7 +82,7 @@ def _per_feature(xp: Any, array: Any, layout: Layout, dtype: Any) -> Any:
     if array is None:
         return None
     array = array if array.dtype == dtype else xp.astype(array, dtype)
-    return xp.reshape(array, layout.state_stat_shape)
+    return xp.reshape(array, layout.moving_stat_shape)
 
 
 def _schedule_value(xp: Any, schedule: Any, step: Any) -> Any:
@@ -181,8 +194,11 @@ def deferred_update(state: RenormState, parts: Iterable[Moments],
     return _moved_state(xp, state, pooled.mean, std, finite, config), finite
 
 
-def _pooled(xp: Any, mean: Any, var: Any, layout: Layout) -> Moments:
-    """Moments of the whole call from those of its equal-sized micro-batches."""
+def _pooled(xp: Any, mean: Any, var: Any, count: Any, layout: Layout) -> Moments:
+    """Moments of the whole call from those of its micro-batches (``count`` elements
+    each: the layout's, or per group and feature under a mask)."""
+    if not isinstance(count, int):
+        return _pooled_counted(xp, mean, var, count, layout)
     if layout.grouped:
         pooled_mean = xp.mean(mean, axis=0, keepdims=True)
         var = xp.mean(var + (mean - pooled_mean) ** 2, axis=0, keepdims=True)
@@ -190,6 +206,20 @@ def _pooled(xp: Any, mean: Any, var: Any, layout: Layout) -> Moments:
     count = layout.count * (layout.view_shape[0] if layout.grouped else 1)
     shape = layout.feature_shape
     return Moments(xp.reshape(mean, shape), xp.reshape(var, shape), count)
+
+
+def _pooled_counted(xp: Any, mean: Any, var: Any, count: Any, layout: Layout) -> Moments:
+    """``_pooled`` with per-group counts: groups weighted by what they counted, groups
+    that counted nothing left out (NaN where no group counted anything)."""
+    shape = layout.feature_shape
+    if layout.grouped:
+        merged = Moments(mean[0:1, ...], var[0:1, ...], count[0:1, ...])
+        for group in range(1, layout.view_shape[0]):
+            merged = merge_two(merged, Moments(mean[group:group + 1, ...],
+                                               var[group:group + 1, ...],
+                                               count[group:group + 1, ...]))
+        mean, var, count = merged
+    return Moments(xp.reshape(mean, shape), xp.reshape(var, shape), xp.reshape(count, shape))
 
 
 def _group_mean(xp: Any, array: Any, layout: Layout) -> Any:
@@ -201,8 +231,8 @@ def _group_mean(xp: Any, array: Any, layout: Layout) -> Any:
 
 def forward_train(x: Any, state: RenormState, weight: Any, bias: Any, config: RenormConfig,
                   *, stop_gradient: Callable[[Any], Any] | None = None,
-                  defer_update: bool = False,
-                  replica_mean: ReplicaMean = None) -> tuple[Any, RenormState, Residuals]:
+                  defer_update: bool = False, replica_mean: ReplicaMean = None,
+                  mask: Any = None) -> tuple[Any, RenormState, Residuals]:
     """One training step of Algorithm 1: returns ``(y, new_state, residuals)``.
 
     ``stop_gradient`` is the framework's (r, d and the state update are wrapped in it).
@@ -211,16 +241,29 @@ def forward_train(x: Any, state: RenormState, weight: Any, bias: Any, config: Re
     making the batch statistics those of the global batch; with ``micro_batch`` each
     micro-batch stays local to its replica and only the state update is averaged, so
     every replica still ends with the same moving statistics.
+
+    ``mask`` (boolean, broadcastable to ``x``; True where an element counts) restricts
+    the batch statistics, and so r, d and the state update, to the counted elements (per
+    group with ``micro_batch``); every element still gets the same affine transform.  A
+    feature or group that counted nothing has NaN statistics: its state stays, as for a
+    non-finite batch.  With ``replica_mean`` the masked sums and counts are averaged
+    over replicas, so the statistics are those of the global batch.
     """
     xp, layout, dtype = _check_call(
         x, state, weight, bias,
         lambda shape: make_layout(shape, config.feature_axis, config.micro_batch))
     no_grad = stop_gradient if stop_gradient is not None else (lambda a: a)
     batch_replica_mean = None if layout.grouped else replica_mean
+    mask_view = None if mask is None else mask_as_view(xp, mask, x, layout)
     kernel = kernel_for(xp, batch_replica_mean)
     view = xp.reshape(x, layout.view_shape)
 
-    batch_mean, batch_var = kernel.moments(xp, view, layout, batch_replica_mean)
+    count = layout.count
+    if mask_view is None:
+        batch_mean, batch_var = kernel.moments(xp, view, layout, batch_replica_mean)
+    else:
+        batch_mean, batch_var, count = masked_view_moments(
+            xp, as_compute(xp, view), mask_view, layout, batch_replica_mean)
     batch_std = xp.sqrt(batch_var + config.eps)
     inv_std = 1.0 / batch_std
     mean = _per_feature(xp, state.mean, layout, dtype)
@@ -238,7 +281,10 @@ def forward_train(x: Any, state: RenormState, weight: Any, bias: Any, config: Re
         low, high = config.output_clip
         z = kernel.affine(xp, view, scale, shift, dtype, layout)
         clip_mask = (z >= low) & (z <= high)
-        clipped_z = xp.clip(z, low, high)
+        # z itself where it is within the bounds, ends included: differentiating the
+        # forward (JAX's autodiff path) then passes the whole gradient at z == bound,
+        # where clip's min/max would pass half of it (SPEC section 4: zero only beyond).
+        clipped_z = xp.where(clip_mask, z, xp.clip(z, low, high))
         y = clipped_z if w is None else clipped_z * w
         y = y if b is None else y + b
         y = xp.astype(y, x.dtype)
@@ -252,18 +298,23 @@ def forward_train(x: Any, state: RenormState, weight: Any, bias: Any, config: Re
                                                         finite, config)
     saved_weight = None if weight is None else _per_feature(xp, weight, layout, weight.dtype)
     residuals = Residuals(view, batch_mean, inv_std, r, d, saved_weight, clipped_z, clip_mask,
-                          _pooled(xp, no_grad(batch_mean), no_grad(batch_var), layout),
+                          _pooled(xp, no_grad(batch_mean), no_grad(batch_var), count, layout),
                           finite, layout, batch_replica_mean,
-                          None if bias is None else bias.dtype)
+                          None if bias is None else bias.dtype, mask_view, count)
     return xp.reshape(y, x.shape), new_state, residuals
 
 
 def forward_infer(x: Any, state: RenormState, weight: Any, bias: Any,
-                  config: RenormConfig) -> Any:
-    """Inference: ``weight * (x - mean) / std + bias`` with the moving statistics."""
+                  config: RenormConfig, *, mask: Any = None) -> Any:
+    """Inference: ``weight * (x - mean) / std + bias`` with the moving statistics.
+
+    ``mask`` is checked as in training and otherwise unused: inference computes no
+    statistic, so every element gets the same transform (as ``flax.linen.BatchNorm``)."""
     xp, layout, dtype = _check_call(
         x, state, weight, bias,
         lambda shape: make_layout(shape, config.feature_axis, training=False))
+    if mask is not None:
+        mask_as_view(xp, mask, x, layout)
     scale = 1.0 / _per_feature(xp, state.std, layout, dtype)
     shift = -_per_feature(xp, state.mean, layout, dtype) * scale
     w, b = _per_feature(xp, weight, layout, dtype), _per_feature(xp, bias, layout, dtype)
@@ -305,7 +356,9 @@ def backward(residuals: Residuals, dy: Any) -> tuple[Any, Any, Any]:
         sum_g, sum_gc = kernel.grad_sums(xp, grad, res.x, res.batch_mean, res.batch_inv_std,
                                       layout)
 
-    mean_g, mean_gc = sum_g / layout.count, sum_gc / layout.count
+    count = layout.count if res.mask is None else xp.where(  # nothing counted: NaN already
+        res.count > 0, res.count, xp.ones_like(res.count))
+    mean_g, mean_gc = sum_g / count, sum_gc / count
     if res.replica_mean is not None:
         mean_g, mean_gc = res.replica_mean(mean_g), res.replica_mean(mean_gc)
     scale = res.r * res.batch_inv_std
@@ -313,6 +366,12 @@ def backward(residuals: Residuals, dy: Any) -> tuple[Any, Any, Any]:
         scale = scale * res.weight
     x_scale = -scale * res.batch_inv_std * res.batch_inv_std * mean_gc
     shift = -scale * mean_g
-    dx = kernel.grad_input(xp, grad, res.x, res.batch_mean, res.batch_inv_std, scale, x_scale,
-                           shift, res.x.dtype, layout)
+    if res.mask is None:
+        dx = kernel.grad_input(xp, grad, res.x, res.batch_mean, res.batch_inv_std, scale,
+                               x_scale, shift, res.x.dtype, layout)
+    else:  # only counted elements moved the statistics, so only they get those terms
+        through_stats = (as_compute(xp, res.x) - res.batch_mean) * x_scale + shift
+        dx = as_compute(xp, grad) * scale + xp.where(res.mask, through_stats,
+                                                     xp.zeros_like(through_stats))
+        dx = xp.astype(dx, res.x.dtype)
     return xp.reshape(dx, layout.shape), dweight, dbias

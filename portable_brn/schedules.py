@@ -8,6 +8,7 @@ eagerly, under ``jax.jit`` and under ``torch.compile``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +39,8 @@ class Constant:
 @dataclass(frozen=True)
 class Linear:
     """``start_value`` until ``start_step``, a straight line to ``end_value`` at
-    ``end_step``, constant afterwards."""
+    ``end_step``, constant afterwards.  An infinite end (``math.inf``: no clipping) makes
+    the value infinite strictly inside the ramp, as the line's limit, with no ``inf * 0``."""
 
     start_value: float
     end_value: float
@@ -46,6 +48,9 @@ class Linear:
     end_step: int
 
     def __post_init__(self) -> None:
+        if math.isnan(self.start_value) or math.isnan(self.end_value):
+            raise ValueError(f"Linear schedule values must not be NaN, got start_value="
+                             f"{self.start_value!r}, end_value={self.end_value!r}")
         if not 0 <= self.start_step < self.end_step:
             raise ValueError(
                 "Linear schedule needs 0 <= start_step < end_step, got "
@@ -56,7 +61,12 @@ class Linear:
         xp = array_namespace(step)
         span = float(self.end_step - self.start_step)
         progress = xp.clip((step - float(self.start_step)) / span, 0.0, 1.0)
-        return self.start_value + (self.end_value - self.start_value) * progress
+        start, end = self.start_value, self.end_value
+        if math.isfinite(start) and math.isfinite(end):
+            return start + (end - start) * progress
+        inside = xp.full_like(progress, start + end)  # the infinite end (NaN: -inf to inf)
+        return xp.where(progress <= 0.0, xp.full_like(progress, start),
+                        xp.where(progress >= 1.0, xp.full_like(progress, end), inside))
 
     def value_range(self) -> tuple[float, float]:
         """The smallest and largest value the schedule takes."""

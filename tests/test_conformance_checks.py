@@ -22,13 +22,21 @@ def test_relative_error_is_the_spec_measure() -> None:
     assert checks.relative_error(ref + np.array([0.0, 5e-3]), ref) == pytest.approx(1e-3)
     assert checks.relative_error(np.zeros(2), np.zeros(2)) == 0.0
     assert checks.relative_error(np.ones(2), np.zeros(2)) == math.inf
-    assert math.isnan(checks.relative_error(np.ones(3), ref))
+    assert checks.relative_error(np.ones(3), ref) == math.inf
+    assert checks.relative_error(np.ones((1, 2)), ref) == math.inf  # would broadcast
 
 
 def test_nan_never_passes() -> None:
     ref = np.array([1.0, 2.0])
     assert not checks.Worst(checks.relative_error(np.array([1.0, np.nan]), ref)).passes(1.0)
     assert not checks.Worst(checks.relative_error(ref, np.array([1.0, np.nan]))).passes(1.0)
+    # Inf, not NaN, so a plain max over errors keeps it (max(0.0, nan) is 0.0).
+    huge = np.full(2, 1e300)
+    with np.errstate(over="ignore"):
+        pairs = [(np.array([1.0, np.nan]), ref), (np.array([np.inf, 2.0]), ref),
+                 (np.ones(3), ref), (2.0 * huge, huge)]
+        assert [max(0.0, checks.relative_error(out, want)) for out, want in pairs] == [
+            math.inf] * len(pairs)
     # Where the expected value is not finite, only the positions must agree.
     assert checks.relative_error(np.array([np.nan, 2.0]), np.array([np.inf, 2.0])) == 0.0
 

@@ -393,7 +393,7 @@ def test_array_layer_backward_rejects_bad_dy(backend, case) -> None:
 
 
 def test_array_layer_load_state_dict_is_all_or_nothing() -> None:
-    layer = _trained_layer(Backend("numpy", np.array, np.asarray, np))
+    layer = _trained_layer(Backend("numpy"))
     before = _layer_snapshot(layer)
     saved = layer.state_dict()
     with pytest.raises(ValueError, match=r"^running_std has shape \(4,\), expected \(3,\)"):
@@ -468,7 +468,7 @@ def test_no_warning_on_finite_batches() -> None:
 
 def test_layer_snapshot_sees_every_change() -> None:
     """The snapshot the tests above compare is sensitive to each thing it holds."""
-    layer = _trained_layer(Backend("numpy", np.array, np.asarray, np))
+    layer = _trained_layer(Backend("numpy"))
     changes: list[Callable[[BatchRenorm], None]] = [
         lambda m: m.forward(np.ones((4, 3)) + np.eye(4, 3)),
         lambda m: m.backward(np.ones((4, 3))),

@@ -9,6 +9,7 @@ import warnings
 
 import numpy as np
 import pytest
+from array_api_compat import is_numpy_namespace
 
 import portable_brn as pb
 from portable_brn import schedules
@@ -16,7 +17,7 @@ from portable_brn.adapters.array import BatchRenorm
 from portable_brn.conformance import reference as ref
 from portable_brn.kernels import GenericKernel, kernel_for, kernel_forced
 from portable_brn.layout import make_layout
-from portable_brn.numpy_kernel import NumpyKernel, is_numpy
+from portable_brn.numpy_kernel import NumpyKernel
 
 from conftest import rel_err
 
@@ -201,7 +202,7 @@ def test_numba_kernel_serves_numpy_when_installed() -> None:
 
     from portable_brn.numba_kernel import NumbaKernel
     assert isinstance(kernel_for(xp), NumbaKernel) and isinstance(kernel_for(np), NumbaKernel)
-    with kernel_forced(is_numpy, NumpyKernel()):
+    with kernel_forced(is_numpy_namespace, NumpyKernel()):
         assert type(kernel_for(xp)) is NumpyKernel
     assert isinstance(kernel_for(xp), NumbaKernel)
 
@@ -231,7 +232,7 @@ def test_numpy_kernel_stays_exact_for_large_means(kernel_name, shape) -> None:
     dy = rng.standard_normal(x.shape).astype(np.float32)
     state = pb.RenormState(np.full(8, 1000.0, np.float32), np.ones(8, np.float32),
                            np.asarray(0))
-    with kernel_forced(is_numpy, _numpy_kernel(kernel_name)):
+    with kernel_forced(is_numpy_namespace, _numpy_kernel(kernel_name)):
         y, new, residuals = pb.forward_train(x, state, None, None, pb.RenormConfig())
         dx, _, _ = pb.backward(residuals, dy)
     expected = ref.train_step(x, state.mean, state.std, 0, dy=dy)
@@ -246,7 +247,7 @@ def test_numpy_kernel_recenters_when_squares_overflow(kernel_name) -> None:
     rng = np.random.default_rng(9)
     x = (2e19 + 1e17 * rng.standard_normal((64, 4))).astype(np.float32)
     state = pb.init_state(4, xp=np, dtype=np.float32)
-    with kernel_forced(is_numpy, _numpy_kernel(kernel_name)):
+    with kernel_forced(is_numpy_namespace, _numpy_kernel(kernel_name)):
         y, new, _ = pb.forward_train(x, state, None, None, pb.RenormConfig())
     expected = ref.train_step(x, state.mean, state.std, 0)
     for actual, key in ((y, "y"), (new.mean, "mean"), (new.std, "std")):
@@ -270,7 +271,7 @@ def test_numpy_kernel_broadcasts_per_group_arrays(kernel_name) -> None:
 @pytest.mark.parametrize("shape", [(0, 4), (0, 4, 3, 3), (2, 4, 0)])
 def test_numpy_kernel_infers_on_empty_inputs(kernel_name, shape) -> None:
     state = pb.init_state(4, xp=np, dtype=np.float32)
-    with kernel_forced(is_numpy, _numpy_kernel(kernel_name)):
+    with kernel_forced(is_numpy_namespace, _numpy_kernel(kernel_name)):
         y = pb.forward_infer(np.ones(shape, np.float32), state, None, None, pb.RenormConfig())
     assert y.shape == shape and y.dtype == np.float32
 

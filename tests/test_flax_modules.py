@@ -182,3 +182,22 @@ def test_numpy_input_is_taken_and_another_library_is_refused_naming_x() -> None:
     with pytest.raises(TypeError, match=message):
         nnx_layer(foreign)
     assert int(nnx_layer.step[...]) == 0, "a refused call leaves the state alone"
+
+
+def test_flax_attributes_read_with_flax_meaning_on_both_modules() -> None:
+    """``momentum`` is Flax's decay on both modules (the core's alpha is 1 - it); on nnx a
+    changed attribute takes effect from the next call, checked then."""
+    nnx_layer = NnxBatchRenorm(3, momentum=0.9, epsilon=1e-4, axis=-1, rngs=nnx.Rngs(0))
+    linen_layer = BatchRenorm(momentum=0.9, epsilon=1e-4, axis=-1)
+    for layer, config in ((nnx_layer, nnx_layer.config), (linen_layer, linen_layer.config())):
+        assert (layer.momentum, layer.epsilon, layer.axis) == (0.9, 1e-4, -1)
+        assert abs(config.momentum - 0.1) < 1e-15 and config.eps == 1e-4
+    x = jnp.asarray(np.random.default_rng(0).normal(2.0, 1.0, (16, 3)), jnp.float32)
+    nnx_layer.momentum = 0.5
+    nnx_layer(x)
+    expected = ref.train_step(np.asarray(x, np.float64), np.zeros(3), np.ones(3), 0,
+                              feature_axis=-1, eps=1e-4, momentum=0.5)
+    assert np.max(np.abs(np.asarray(nnx_layer.mean[...]) - expected["mean"])) < 1e-5
+    nnx_layer.momentum = 1.5
+    with pytest.raises(ValueError, match="momentum"):
+        nnx_layer(x)

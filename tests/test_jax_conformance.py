@@ -17,6 +17,9 @@ import pytest
 
 from portable_brn import RenormConfig, RenormState, schedules
 from portable_brn.conformance import reference as ref
+from portable_brn.conventions import flax_options
+
+from conftest import rel_err
 
 # A missing framework skips this file with the reason; the imports that need it follow.
 jax = pytest.importorskip("jax")
@@ -75,8 +78,8 @@ class Case:
 
     def module_options(self) -> dict:
         """Keyword arguments of both Flax layers."""
-        return {"axis": self.axis, "momentum": self.decay, "use_scale": self.affine,
-                "use_bias": self.affine, **self.core_options()}
+        return {"use_scale": self.affine, "use_bias": self.affine,
+                **flax_options(self.config())}
 
 
 CASES = {
@@ -154,15 +157,6 @@ def _batch(rng: np.random.Generator, shape: tuple[int, ...], step: int) -> np.nd
     return 1.5 * np.sin(step / 6.0) + np.exp(0.8 * np.cos(step / 5.0)) * rng.standard_normal(shape)
 
 
-def _rel_err(actual: Any, expected: np.ndarray) -> float:
-    """||actual - expected|| / ||expected||, infinite when anything is not finite."""
-    actual = np.asarray(actual, np.float64)
-    assert actual.shape == expected.shape
-    if not np.all(np.isfinite(actual)):
-        return float("inf")
-    return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
-
-
 @pytest.fixture(params=["float32", "float64"])
 def dtype_name(request: pytest.FixtureRequest) -> Iterator[str]:
     """The dtype under test; float64 runs with x64 enabled for this test only."""
@@ -219,7 +213,7 @@ def test_matches_reference_over_many_steps(name: str, impl: str, dtype_name: str
             if expected[key] is None:
                 assert out[key] is None
             else:
-                worst[key] = max(worst.get(key, 0.0), _rel_err(out[key], expected[key]))
+                worst[key] = max(worst.get(key, 0.0), rel_err(out[key], expected[key]))
         limits_hit += _limits_hit(expected, options, t)
     assert limits_hit > STEPS, "the r and d clips hardly bound"
     assert all(err <= BOUND[dtype_name] for err in worst.values()), worst

@@ -10,6 +10,7 @@ from datetime import timedelta
 from itertools import product
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -116,9 +117,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _spawn(out_dir: Path) -> list[dict]:
-    """Run ``_worker`` on every rank, killing them all past ``TIMEOUT_S``."""
-    context = mp.start_processes(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD,
+def _spawn(out_dir: Path, worker=_worker) -> list[dict]:
+    """Run ``worker`` on every rank, killing them all past ``TIMEOUT_S``: a hang fails."""
+    context = mp.start_processes(worker, args=(_free_port(), str(out_dir)), nprocs=WORLD,
                                  join=False, start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
     while not context.join(timeout=1):
@@ -195,3 +196,190 @@ def test_recalibrate_with_every_rank_empty_raises_on_every_rank(ranks):
     for rank in ranks:
         assert rank["all-empty"] == {
             "error": "batches must yield at least one batch, got none", "unchanged": True}
+
+
+# -- uneven ranks: no hang, the global result or the same error on every rank; the native
+# path's collectives and its float32 accuracy at a large offset
+
+UNEVEN = {"empty-rank": (0, 0, 8), "one-row-rank": (0, 1, 8), "one-row-in-total": (0, 1, 1)}
+OFFSET_CASES = {"nchw": ((16, 4, 3, 3), False), "channels-last": ((16, 4, 3, 3), True),
+                "rows": ((64, 4), False)}
+OFFSET_SPLIT = (0, 5, 16)  # unequal: 5 and 11 rows (rows case: scaled by 4)
+OFFSET_OPTIONS = {"momentum": 0.3, "r_max": 1.5, "d_max": 1.0}
+
+
+def _rows_input(step: int, rows: slice, dtype=torch.float64):
+    """(N, C) rows of a global (8, 3) batch and its output gradient."""
+    x, grad = batch(step, (8, 3), dtype), batch(step, (8, 3), dtype, seed=1)
+    return x[rows], grad[rows]
+
+
+def _step_or_error(layer, x, grad):
+    """One training step's results, or the ValueError and whether the state stayed."""
+    before = {name: value.clone() for name, value in layer.state_dict().items()}
+    x = x.clone().requires_grad_(True)
+    layer.zero_grad()
+    try:
+        y = layer(x)
+    except ValueError as error:
+        unchanged = all(torch.equal(value, layer.state_dict()[name])
+                        for name, value in before.items())
+        return {"error": str(error), "unchanged": unchanged}
+    y.backward(grad)
+    return {"y": y.detach(), "dx": x.grad, "dweight": layer.weight.grad.clone(),
+            "dbias": layer.bias.grad.clone(), "mean": layer.running_mean.clone(),
+            "std": layer.running_std.clone(), "step": layer.num_batches_tracked.clone()}
+
+
+def _offset_batch(shape, channels_last, seed):
+    generator = torch.Generator().manual_seed(seed)
+    x = (100.0 + torch.randn(shape, generator=generator, dtype=torch.float64)).float()
+    grad = torch.randn(shape, generator=generator).float()
+    if channels_last:
+        x, grad = (t.contiguous(memory_format=torch.channels_last) for t in (x, grad))
+    return x, grad
+
+
+class _CollectiveCounter:
+    """Wraps ``torch.distributed.all_reduce``, counting calls."""
+
+    def __init__(self):
+        self.calls, self.original = 0, dist.all_reduce
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.original(*args, **kwargs)
+
+
+def _uneven_worker(rank: int, port: int, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=WORLD, timeout=timedelta(seconds=30))
+    try:
+        results = {}
+        for case, bounds in UNEVEN.items():
+            rows = slice(bounds[rank], bounds[rank + 1])
+            for config in ("plain", "micro-batch"):
+                layer = random_affine(SyncBatchRenorm(3, **CONFIGS[config]))
+                results[case, config] = [_step_or_error(layer, *_rows_input(step, rows))
+                                         for step in range(2)]
+        for case, (shape, channels_last) in OFFSET_CASES.items():
+            scale = shape[0] // 16
+            rows = slice(OFFSET_SPLIT[rank] * scale, OFFSET_SPLIT[rank + 1] * scale)
+            layer = random_affine(SyncBatchRenorm(4, **OFFSET_OPTIONS))
+            counter = _CollectiveCounter()
+            dist.all_reduce = counter
+            try:
+                steps = []
+                for step in range(2):
+                    x, grad = _offset_batch(shape, channels_last, step)
+                    forward_before = counter.calls
+                    x = x[rows].clone().requires_grad_(True)
+                    layer.zero_grad()
+                    y = layer(x)
+                    forward = counter.calls - forward_before
+                    y.backward(grad[rows])
+                    steps.append({"y": y.detach(), "dx": x.grad,
+                                  "dweight": layer.weight.grad.clone(),
+                                  "dbias": layer.bias.grad.clone(),
+                                  "mean": layer.running_mean.clone(),
+                                  "std": layer.running_std.clone(),
+                                  "collectives": (forward, counter.calls - forward_before
+                                                  - forward),
+                                  "channels_last": y.is_contiguous(
+                                      memory_format=torch.channels_last)})
+            finally:
+                dist.all_reduce = counter.original
+            results["offset", case] = steps
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def uneven_ranks(tmp_path_factory):
+    return _spawn(tmp_path_factory.mktemp("uneven"), _uneven_worker)
+
+
+def _reference_rows_steps(options):
+    layer = random_affine(BatchRenorm2d(3, **options))
+    mean, std = numpy(layer.running_mean), numpy(layer.running_std)
+    steps = []
+    for step in range(2):
+        x, grad = _rows_input(step, slice(0, 8))
+        expected = reference.train_step(x.numpy(), mean, std, step, numpy(layer.weight),
+                                        numpy(layer.bias), grad.numpy(),
+                                        **reference_options(layer))
+        steps.append(expected)
+        mean, std = expected["mean"], expected["std"]
+    return steps
+
+
+@pytest.mark.parametrize("case", ["empty-rank", "one-row-rank"])
+def test_an_empty_or_one_row_rank_gets_the_global_result(uneven_ranks, case):
+    """Rank 0 holds 0 rows or 1 row of the (8, 3) batch: no hang, and both ranks compute
+    the float64 reference's step on the whole batch."""
+    for step, expected in enumerate(_reference_rows_steps(OPTIONS)):
+        per_rank = [r[case, "plain"][step] for r in uneven_ranks]
+        for name in ("y", "dx"):
+            assert is_close(torch.cat([r[name] for r in per_rank]), expected[name], 1e-12)
+        for name in ("dweight", "dbias"):
+            assert is_close(sum(r[name] for r in per_rank), expected[name], 1e-12)
+        for name in ("mean", "std"):
+            assert is_close(per_rank[0][name], expected[name], 1e-12)
+            assert torch.equal(per_rank[0][name], per_rank[1][name])
+        assert int(per_rank[0]["step"]) == int(per_rank[1]["step"]) == step + 1
+
+
+def test_one_row_in_total_raises_the_same_error_on_every_rank(uneven_ranks):
+    for config in ("plain", "micro-batch"):
+        outcomes = [r["one-row-in-total", config] for r in uneven_ranks]
+        for step in range(2):
+            assert outcomes[0][step] == outcomes[1][step]
+            assert outcomes[0][step]["unchanged"] is True
+            assert ("more than 1 value per channel" in outcomes[0][step]["error"]
+                    or "does not divide" in outcomes[0][step]["error"])
+
+
+@pytest.mark.parametrize("case", ["empty-rank", "one-row-rank"])
+def test_the_generic_path_raises_on_every_rank_when_one_rank_cannot_run(uneven_ranks, case):
+    """micro_batch=2 on a rank with 0 rows or 1 row: every rank raises the same error
+    naming each refused rank, none hangs."""
+    outcomes = [r[case, "micro-batch"] for r in uneven_ranks]
+    for step in range(2):
+        assert outcomes[0][step] == outcomes[1][step]
+        assert outcomes[0][step]["unchanged"] is True
+        assert "process 0: " in outcomes[0][step]["error"]
+
+
+def _float64_step(x, grad, layer_options, step_state):
+    """The float64 reference's step on a float32 global batch (its exact values)."""
+    layer = random_affine(SyncBatchRenorm(4, **OFFSET_OPTIONS))
+    mean, std = step_state
+    return reference.train_step(numpy(x), mean, std, 0, numpy(layer.weight),
+                                numpy(layer.bias), numpy(grad), **reference_options(layer))
+
+
+@pytest.mark.parametrize("case", list(OFFSET_CASES))
+def test_native_path_at_a_large_offset_is_float32_accurate_with_one_collective_each_way(
+        uneven_ranks, case):
+    """x = 100 + N(0, 1) in float32 split 5 : 11 over the ranks: y, dx, dweight, dbias and
+    the new state within 1e-5 of a float64 computation on the concatenated batch; one
+    all_reduce in the forward and one in the backward of each step."""
+    shape, channels_last = OFFSET_CASES[case]
+    state = (np.zeros(4), np.ones(4))
+    for step in range(2):
+        x, grad = _offset_batch(shape, channels_last, step)
+        expected = _float64_step(x, grad, OFFSET_OPTIONS, state)
+        expected_step = {**expected}
+        per_rank = [r["offset", case][step] for r in uneven_ranks]
+        for name in ("y", "dx"):
+            assert is_close(torch.cat([r[name] for r in per_rank]), expected_step[name], 1e-5)
+        for name in ("dweight", "dbias"):
+            assert is_close(sum(r[name] for r in per_rank), expected_step[name], 1e-5)
+        for name in ("mean", "std"):
+            assert is_close(per_rank[0][name], expected_step[name], 1e-5)
+            assert torch.equal(per_rank[0][name], per_rank[1][name])
+        for r in per_rank:
+            assert r["collectives"] == (1, 1)
+            assert r["channels_last"] == channels_last
+        state = (numpy(per_rank[0]["mean"]), numpy(per_rank[0]["std"]))

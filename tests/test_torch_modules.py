@@ -15,7 +15,9 @@ from test_torch_support import (  # noqa: E402
     assert_same_state,
     batch,
     is_close,
+    numpy,
     random_affine,
+    reference_options,
     state_of,
 )
 
@@ -27,6 +29,7 @@ from portable_brn.adapters.torch import (  # noqa: E402
     SyncBatchRenorm,
     _BatchRenorm,
 )
+from portable_brn.conformance import reference  # noqa: E402
 
 LAYERS = [(BatchRenorm1d, (4, 3)), (BatchRenorm1d, (4, 3, 5)), (BatchRenorm2d, (4, 3, 2, 2)),
           (BatchRenorm3d, (2, 3, 2, 2, 2)), (SyncBatchRenorm, (4, 3, 2))]
@@ -371,3 +374,80 @@ def test_no_gradient_flows_through_r_d_or_the_running_statistics(case, options):
     assert all(not b.requires_grad and b.grad is None for b in layer.buffers())
     can_tell = case != "every-clip-binds"
     assert is_close(through_r_and_d, dx, 1e-6) != can_tell
+
+
+# -- every option is live or read-only ---------------------------------------------------
+
+LIVE_SETTINGS = {"r_max": 1.2, "d_max": 0.1, "r_min": 0.9, "warmup_steps": 5,
+                 "micro_batch": 2, "output_clip": (-0.5, 0.5), "eps": 0.5, "momentum": 0.9}
+
+
+@pytest.mark.parametrize("name", list(LIVE_SETTINGS))
+def test_setting_an_option_changes_the_next_step(name):
+    """After one step, set the option: the next step is the float64 reference's with the
+    new value (and differs from the step with the old one)."""
+    def trained():
+        layer = random_affine(BatchRenorm2d(3, momentum=0.5, dtype=torch.float64))
+        _train(layer, steps=1, shape=(8, 3, 2, 2))
+        return layer
+
+    layer, unchanged = trained(), trained()
+    setattr(layer, name, LIVE_SETTINGS[name])
+    assert getattr(layer, name) == getattr(layer.config, name) == LIVE_SETTINGS[name]
+    scale = 0.1 if name == "r_min" else 3.0  # a batch std r_min (r_max, d_max) binds on
+    x = (scale * batch(1, (8, 3, 2, 2), torch.float64)).requires_grad_(True)
+    grad = batch(1, (8, 3, 2, 2), torch.float64, seed=1)
+    mean, std = numpy(layer.running_mean), numpy(layer.running_std)
+    y = layer(x)
+    y.backward(grad)
+    expected = reference.train_step(numpy(x), mean, std, 1, numpy(layer.weight),
+                                    numpy(layer.bias), numpy(grad),
+                                    **reference_options(layer))
+    assert is_close(y, expected["y"], 1e-12)
+    assert is_close(x.grad, expected["dx"], 1e-12)
+    assert is_close(layer.running_mean, expected["mean"], 1e-12)
+    assert is_close(layer.running_std, expected["std"], 1e-12)
+    old = unchanged(x.detach())
+    assert not (torch.allclose(old, y) and torch.allclose(unchanged.running_std,
+                                                          layer.running_std))
+
+
+@pytest.mark.parametrize(("name", "bad", "error"), [
+    ("r_max", 0.5, ValueError), ("d_max", -1.0, ValueError), ("r_min", 2.0, ValueError),
+    ("warmup_steps", -1, ValueError), ("warmup_steps", 1.5, TypeError),
+    ("micro_batch", 0, ValueError), ("output_clip", (1.0, -1.0), ValueError),
+    ("eps", 0.0, ValueError), ("momentum", 1.5, ValueError), ("r_max", "3", TypeError),
+])
+def test_a_bad_setting_raises_naming_it_and_leaves_the_layer(name, bad, error):
+    layer = random_affine(BatchRenorm2d(3, r_max=2.0, micro_batch=2))
+    _train(layer, steps=1)
+    config, before = layer.config, state_of(layer)
+    with pytest.raises(error, match=name):
+        setattr(layer, name, bad)
+    assert layer.config is config
+    assert_same_state(before, layer)
+
+
+@pytest.mark.parametrize("name", ["num_features", "affine", "track_running_stats"])
+def test_options_that_shape_the_buffers_are_read_only(name):
+    layer = BatchRenorm2d(3)
+    value = getattr(layer, name)
+    with pytest.raises(AttributeError, match=rf"{name} of BatchRenorm2d is fixed at "
+                                             rf"construction"):
+        setattr(layer, name, 4 if name == "num_features" else not value)
+    assert getattr(layer, name) == value
+
+
+@pytest.mark.parametrize("layer_class", [BatchRenorm2d, SyncBatchRenorm])
+@pytest.mark.parametrize("options", [{}, {"micro_batch": 2}], ids=["native", "core"])
+def test_the_step_counter_advances_on_a_non_finite_batch(layer_class, options):
+    """The documented choice: a non-finite batch leaves the statistics but counts as a
+    step, so schedules and warm-up keep their pace."""
+    layer = layer_class(3, **options)
+    _train(layer, steps=2)
+    before = state_of(layer)
+    layer(torch.full((4, 3, 2, 2), float("nan")))
+    assert not layer.last_finite.any()
+    assert torch.equal(layer.running_mean, before["running_mean"])
+    assert torch.equal(layer.running_std, before["running_std"])
+    assert int(layer.num_batches_tracked) == 3

@@ -98,7 +98,7 @@ def _train(build: Builder, spec: NetworkSpec, batches: np.ndarray, data: Dataset
     done = 0
     for step in evaluate_at:
         for batch in batches[done:step]:
-            network.train_step(data.x_train[batch], data.y_train[batch])
+            network.sgd_step(data.x_train[batch], data.y_train[batch])
             if progress is not None:
                 progress.update(1)
         done = step

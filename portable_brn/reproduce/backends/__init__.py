@@ -46,7 +46,7 @@ class NetworkSpec:
 class Network(Protocol):
     """A network under training."""
 
-    def train_step(self, x: np.ndarray, y: np.ndarray) -> None:
+    def sgd_step(self, x: np.ndarray, y: np.ndarray) -> None:
         """One optimizer step on a batch (normalization in training mode)."""
 
     def predict(self, x: np.ndarray) -> np.ndarray:
@@ -72,18 +72,13 @@ BACKENDS = tuple(_REQUIREMENTS)
 
 
 def load_backend(name: str) -> Builder:
-    """The ``build`` function of backend ``name``, after checking that its framework and
-    adapter can be imported; a ``ReproduceError`` with the fix otherwise."""
+    """The ``build`` function of backend ``name``, after checking that its frameworks are
+    installed (a ``ReproduceError`` with the fix otherwise) and that its adapter imports
+    (an error there is a bug, raised as it is)."""
     if name not in _REQUIREMENTS:
         raise ReproduceError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
     need = _REQUIREMENTS[name]
     for framework in need.frameworks:
         require(framework, needed_by=f"backend {name}", extra=need.extra)
-    try:
-        importlib.import_module(need.adapter)
-    except ModuleNotFoundError as error:
-        if error.name != need.adapter:
-            raise
-        raise ReproduceError(f"backend {name} is not available yet: {need.adapter} "
-                             "does not exist in this installation") from None
+    importlib.import_module(need.adapter)
     return importlib.import_module(f"{__name__}.{name}").build

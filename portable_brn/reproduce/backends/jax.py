@@ -3,9 +3,9 @@ network, gradients from ``jax.grad``, updates from ``optax.sgd``, each step unde
 ``jax.jit``.
 
 Flax states the moving-average rate as a decay (``momentum=0.99`` is alpha 0.01) and
-names ``eps`` ``epsilon``; ``flax_norm_options`` translates.  The moving statistics live
-in the ``batch_stats`` collection.  jax, flax and optax are imported when a network is
-built, never when this module is.
+names ``eps`` ``epsilon``; ``portable_brn.conventions.flax_options`` translates.  The
+moving statistics live in the ``batch_stats`` collection.  jax, flax and optax are
+imported when a network is built, never when this module is.
 """
 
 from __future__ import annotations
@@ -15,17 +15,13 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from portable_brn.config import RenormConfig
+from portable_brn.conventions import flax_options
+from portable_brn.host import to_host
+
 from . import NetworkSpec
 
-__all__ = ["JaxNetwork", "build", "flax_norm_options"]
-
-
-def flax_norm_options(norm: dict[str, Any]) -> dict[str, Any]:
-    """The core's ``RenormConfig`` options in ``flax.linen.BatchNorm``'s conventions."""
-    options = dict(norm)
-    options["momentum"] = 1.0 - options["momentum"]
-    options["epsilon"] = options.pop("eps")
-    return options
+__all__ = ["JaxNetwork", "build"]
 
 
 def _mlp(widths: tuple[int, ...], norm: dict[str, Any], use_running_average: bool) -> Any:
@@ -34,7 +30,7 @@ def _mlp(widths: tuple[int, ...], norm: dict[str, Any], use_running_average: boo
 
     from portable_brn.adapters.flax import BatchRenorm
 
-    options = flax_norm_options(norm)
+    options = flax_options(RenormConfig(feature_axis=-1, **norm))
 
     class MLP(nn.Module):
         @nn.compact
@@ -110,14 +106,14 @@ class JaxNetwork:
         self.opt_state = programs.optimizer.init(self.params)
         self._step, self._predict = programs.step, programs.predict
 
-    def train_step(self, x: np.ndarray, y: np.ndarray) -> None:
+    def sgd_step(self, x: np.ndarray, y: np.ndarray) -> None:
         """One jitted SGD step, normalization in training mode."""
         self.params, self.batch_stats, self.opt_state = self._step(
             self.params, self.batch_stats, self.opt_state, x, y)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Labels from the network with ``use_running_average=True``."""
-        return np.asarray(self._predict(self.params, self.batch_stats, x))
+        return to_host(self._predict(self.params, self.batch_stats, x))
 
 
 def build(spec: NetworkSpec) -> JaxNetwork:

@@ -65,7 +65,7 @@ class NumpyNetwork:
                 *(norm.grad_weight for norm in self.norms),
                 *(norm.grad_bias for norm in self.norms)]
 
-    def train_step(self, x: np.ndarray, y: np.ndarray) -> None:
+    def sgd_step(self, x: np.ndarray, y: np.ndarray) -> None:
         """One step of SGD with momentum: ``v = m v + g``, ``p -= lr v``."""
         grads = self._gradients(x, y)
         for parameter, velocity, grad in zip(self._parameters(), self.velocities, grads,

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from portable_brn.host import to_host
+
 from . import NetworkSpec
 
 __all__ = ["TorchNetwork", "build"]
@@ -58,7 +60,7 @@ class TorchNetwork:
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=spec.learning_rate,
                                          momentum=spec.sgd_momentum)
 
-    def train_step(self, x: np.ndarray, y: np.ndarray) -> None:
+    def sgd_step(self, x: np.ndarray, y: np.ndarray) -> None:
         """One SGD step on the mean cross-entropy, normalization in training mode."""
         torch = self._torch
         with _one_thread(torch):
@@ -73,7 +75,7 @@ class TorchNetwork:
         torch = self._torch
         self.model.eval()
         with _one_thread(torch), torch.no_grad():
-            return self.model(torch.from_numpy(x)).argmax(dim=1).numpy()
+            return to_host(self.model(torch.from_numpy(x)).argmax(dim=1))
 
 
 def build(spec: NetworkSpec) -> TorchNetwork:
