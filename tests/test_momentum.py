@@ -153,3 +153,23 @@ def test_convert_batchnorm_carries_momentum_none() -> None:
         bn(x)
         renorm(x)
     assert rel_err(renorm.running_mean.numpy(), bn.running_mean.numpy()) <= 1e-12
+
+
+def test_momentum_schedule_out_of_range_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="momentum"):
+        pb.RenormConfig(momentum=schedules.linear(0.5, 1.5, 0, 10))
+
+
+def test_momentum_none_compiles_whole() -> None:
+    """The native path with the schedule's per-step rate traces with ``fullgraph=True``."""
+    bn, renorm = _batchnorm_limit_pair(torch.float64)
+    compiled = torch.compile(renorm, fullgraph=True)
+    try:
+        for x in _batches(5, SHAPE, steps=4):
+            x = torch.from_numpy(x).requires_grad_()  # as in training
+            compiled(x).sum().backward()
+            bn(x)
+    finally:  # a later compile of another shape would recompile with dynamic shapes,
+        torch._dynamo.reset()  # which the native path's statistics op does not support
+    assert rel_err(renorm.running_mean.numpy(), bn.running_mean.numpy()) <= 1e-12
+    assert int(renorm.num_batches_tracked) == 4

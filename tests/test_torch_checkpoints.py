@@ -216,3 +216,9 @@ def test_round_trip_through_renorm_restores_batchnorm() -> None:
     back = to_batchnorm(convert_batchnorm(_pretrained(2, torch.float64)))
     for key, value in pretrained.state_dict().items():
         assert rel_err(back.state_dict()[key].double().numpy(), value.double().numpy()) <= 1e-12
+
+
+def test_a_running_var_that_is_no_tensor_is_refused_not_converted() -> None:
+    bn_dict = dict(nn.BatchNorm1d(4).state_dict(), running_var=[1.0] * 4)
+    with pytest.raises(RuntimeError, match="running_std"):
+        BatchRenorm1d(4).load_state_dict(bn_dict)

@@ -74,6 +74,7 @@ def test_factory_arguments_and_options():
     ({"eps": -1e-3}, ValueError, "eps"),
     ({"momentum": 0.0}, ValueError, "momentum"),
     ({"momentum": 1.5}, ValueError, "momentum"),
+    ({"momentum": "0.1"}, TypeError, "momentum"),
     ({"r_max": 0.5}, ValueError, "r_max"),
     ({"d_max": -1.0}, ValueError, "d_max"),
     ({"r_min": 0.0}, ValueError, "r_min"),

@@ -17,7 +17,7 @@ from torch import nn
 
 from portable_brn.config import RenormConfig
 from portable_brn.conventions import torch_options
-from portable_brn.schedules import CumulativeAverage, ScheduleLike, cumulative_average
+from portable_brn.schedules import ScheduleLike, cumulative_average
 from portable_brn.state import RenormState
 
 from .functional import batch_norm_step, infer_step, train_step
@@ -194,8 +194,7 @@ class _BatchRenorm(nn.Module):
     @property
     def momentum(self) -> float | None:
         """The weight of the new value; None: the cumulative moving average."""
-        rate = self.config.momentum
-        return None if isinstance(rate, CumulativeAverage) else rate
+        return torch_options(self.config)["momentum"]
 
     @momentum.setter
     def momentum(self, value: float | None) -> None:
@@ -248,7 +247,8 @@ class _BatchRenorm(nn.Module):
         entry is checked, and a bad one loads nothing of this layer."""
         version = local_metadata.get("version")
         var_key, std_key = prefix + "running_var", prefix + "running_std"
-        if (version is None or version < 3) and var_key in state_dict \
+        older = version is None or version < 3
+        if older and isinstance(state_dict.get(var_key), torch.Tensor) \
                 and std_key not in state_dict:
             var = state_dict.pop(var_key)
             state_dict[std_key] = torch.sqrt(var.double() + self.eps).to(var.dtype)
