@@ -163,6 +163,7 @@ def test_momentum_schedule_out_of_range_is_a_value_error() -> None:
 def test_momentum_none_compiles_whole() -> None:
     """The native path with the schedule's per-step rate traces with ``fullgraph=True``."""
     bn, renorm = _batchnorm_limit_pair(torch.float64)
+    torch._dynamo.reset()  # see below: a fresh compile, not a recompile
     compiled = torch.compile(renorm, fullgraph=True)
     try:
         for x in _batches(5, SHAPE, steps=4):
