@@ -299,7 +299,9 @@ class NnxBatchRenorm(nnx.Module):
                  micro_batch: int | None = None,
                  output_clip: tuple[float, float] | None = None,
                  use_custom_vjp: bool = True, rngs: nnx.Rngs) -> None:
-        self.num_features = num_features  # before config: read-only from then on
+        self.num_features = num_features  # these before config: read-only from then on
+        self.param_dtype, self.use_bias, self.use_scale = param_dtype, use_bias, use_scale
+        self.bias_init, self.scale_init = bias_init, scale_init
         self.config = config_from_flax(axis=axis, momentum=momentum, epsilon=epsilon,
                                        r_max=r_max, d_max=d_max, r_min=r_min,
                                        warmup_steps=warmup_steps, micro_batch=micro_batch,
