@@ -144,13 +144,15 @@ class BatchRenorm(nn.Module):
         use_running_average = nn.merge_param("use_running_average", self.use_running_average,
                                              use_running_average)
         config = self.config()
-        if not self.is_initializing():
+        if not self.is_initializing():  # the hint first: the general check would preempt it
+            if self.has_variable("batch_stats", "var") and not self.has_variable(
+                    "batch_stats", "std"):
+                raise ValueError(f"{self.name or 'BatchRenorm'}: batch_stats lack 'std' (a "
+                                 "flax.linen.BatchNorm checkpoint's mean and var?); convert "
+                                 "them with from_batchnorm_variables or initialize the model "
+                                 "afresh")
             _check_stat_names(self.variables.get("batch_stats", {}))
         shape = make_layout(x.shape, self.axis, training=False).feature_shape
-        if not self.is_initializing() and not self.has_variable("batch_stats", "std"):
-            raise ValueError(f"{self.name or 'BatchRenorm'}: batch_stats lack 'std' (a "
-                             "flax.linen.BatchNorm checkpoint's mean and var?); convert them "
-                             "with from_batchnorm_variables or initialize the model afresh")
         fresh = init_state(shape, xp=jnp, dtype=self.param_dtype)
         mean = self.variable("batch_stats", "mean", lambda: fresh.mean)
         std = self.variable("batch_stats", "std", lambda: fresh.std)
