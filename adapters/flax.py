@@ -144,13 +144,15 @@ class BatchRenorm(nn.Module):
         use_running_average = nn.merge_param("use_running_average", self.use_running_average,
                                              use_running_average)
         config = self.config()
-        if not self.is_initializing():
+        if not self.is_initializing():  # the hint first: the general check would preempt it
+            if self.has_variable("batch_stats", "var") and not self.has_variable(
+                    "batch_stats", "std"):
+                raise ValueError(f"{self.name or 'BatchRenorm'}: batch_stats lack 'std' (a "
+                                 "flax.linen.BatchNorm checkpoint's mean and var?); convert "
+                                 "them with from_batchnorm_variables or initialize the model "
+                                 "afresh")
             _check_stat_names(self.variables.get("batch_stats", {}))
         shape = make_layout(x.shape, self.axis, training=False).feature_shape
-        if not self.is_initializing() and not self.has_variable("batch_stats", "std"):
-            raise ValueError(f"{self.name or 'BatchRenorm'}: batch_stats lack 'std' (a "
-                             "flax.linen.BatchNorm checkpoint's mean and var?); convert them "
-                             "with from_batchnorm_variables or initialize the model afresh")
         fresh = init_state(shape, xp=jnp, dtype=self.param_dtype)
         mean = self.variable("batch_stats", "mean", lambda: fresh.mean)
         std = self.variable("batch_stats", "std", lambda: fresh.std)
@@ -299,7 +301,9 @@ class NnxBatchRenorm(nnx.Module):
                  micro_batch: int | None = None,
                  output_clip: tuple[float, float] | None = None,
                  use_custom_vjp: bool = True, rngs: nnx.Rngs) -> None:
-        self.num_features = num_features  # before config: read-only from then on
+        self.num_features = num_features  # these before config: read-only from then on
+        self.param_dtype, self.use_bias, self.use_scale = param_dtype, use_bias, use_scale
+        self.bias_init, self.scale_init = bias_init, scale_init
         self.config = config_from_flax(axis=axis, momentum=momentum, epsilon=epsilon,
                                        r_max=r_max, d_max=d_max, r_min=r_min,
                                        warmup_steps=warmup_steps, micro_batch=micro_batch,

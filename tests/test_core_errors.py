@@ -463,7 +463,7 @@ def test_array_layer_load_state_dict_refuses_what_its_dtype_cannot_hold(key, val
 def test_array_layer_load_state_dict_takes_integral_steps_and_casts() -> None:
     """An integral float step (a JSON checkpoint) and float32 arrays load; the values
     arrive exactly, in the layer's dtypes."""
-    layer = _trained_layer(Backend("numpy", np.array, np.asarray, np))
+    layer = _trained_layer(Backend("numpy"))
     saved = {k: v.astype(np.float32) if v.dtype == np.float64 else v
              for k, v in layer.state_dict().items()}
     layer.load_state_dict({**saved, "num_batches_tracked": np.asarray(12.0)})

@@ -15,6 +15,7 @@ import contextlib
 from typing import Any
 
 import numpy as np
+from array_api_compat import is_numpy_namespace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -22,7 +23,7 @@ import portable_brn as pb
 from portable_brn.conformance import reference as ref
 from portable_brn.conformance.runner import core_config
 from portable_brn.kernels import kernel_forced
-from portable_brn.numpy_kernel import NumpyKernel, is_numpy
+from portable_brn.numpy_kernel import NumpyKernel
 
 from conftest import rel_err
 
@@ -121,7 +122,7 @@ def test_core_matches_reference_over_random_configurations(scenario: dict) -> No
     step = scenario["first_step"]
     state = pb.RenormState(mean, std, np.asarray(step))
     core = core_config(config)
-    kernel = (kernel_forced(is_numpy, NumpyKernel()) if scenario["ufunc_kernel"]
+    kernel = (kernel_forced(is_numpy_namespace, NumpyKernel()) if scenario["ufunc_kernel"]
               else contextlib.nullcontext())
     with kernel:
         for i in range(scenario["steps"]):

@@ -118,6 +118,16 @@ def test_training_apply_on_batchnorm_stats_names_std() -> None:
         _Net(BatchRenorm).apply(renamed, _data(3), train=True, mutable=["batch_stats"])
 
 
+def test_unconverted_batchnorm_variables_point_to_the_converter() -> None:
+    """A flax.linen.BatchNorm checkpoint applied as it is names the conversion to use."""
+    bn_variables = _trained(nn.BatchNorm)
+    renamed = jax.tree_util.tree_map(lambda a: a, dict(bn_variables))
+    renamed = {name: {k.replace("BatchNorm", "BatchRenorm"): v for k, v in coll.items()}
+               for name, coll in renamed.items()}
+    with pytest.raises(ValueError, match="from_batchnorm_variables"):
+        _Net(BatchRenorm).apply(renamed, _data(3))
+
+
 @pytest.mark.parametrize("convert", [from_batchnorm_variables, to_batchnorm_variables])
 def test_bad_arguments(convert) -> None:
     with pytest.raises(ValueError, match="epsilon"):

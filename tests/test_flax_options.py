@@ -63,9 +63,13 @@ def test_nnx_bad_option_is_refused_and_changes_nothing(name, value, error, messa
                                   "bias_init", "scale_init"])
 def test_nnx_options_that_shaped_the_variables_are_read_only(name) -> None:
     model = _model()
+    constructed = {"num_features": 3, "param_dtype": jnp.float32, "use_bias": False,
+                   "use_scale": False, "bias_init": nnx.initializers.zeros,
+                   "scale_init": nnx.initializers.ones}[name]
+    assert getattr(model, name) == constructed  # readable, as on flax.nnx.BatchNorm
     with pytest.raises(AttributeError, match=rf"^NnxBatchRenorm\.{name} cannot be changed"):
         setattr(model, name, 4)
-    assert model.num_features == 3
+    assert getattr(model, name) == constructed
 
 
 def test_nnx_call_options_stay_plain_attributes() -> None:

@@ -179,6 +179,22 @@ def test_recalibrate_keeps_the_state_where_nothing_was_counted() -> None:
     assert int(new.step) == 4
 
 
+@pytest.mark.parametrize("mask_count", [2, 4])
+def test_recalibrate_with_one_mask_too_few_or_many_names_masks(mask_count) -> None:
+    batches = [np.ones((4, 2))] * 3
+    with pytest.raises(ValueError, match=r"^masks must hold one mask per batch"):
+        pb.recalibrate(batches, pb.RenormConfig(), masks=[np.ones((4, 1), bool)] * mask_count)
+
+
+def test_recalibrate_blames_a_bad_batch_on_batches_not_masks() -> None:
+    batches = [np.ones((4, 2)), np.ones(4)]  # the second has no axis 1
+    with pytest.raises(ValueError, match=r"^batches\[1\]: feature_axis"):
+        pb.recalibrate(batches, pb.RenormConfig(), masks=[np.ones((4, 1), bool)] * 2)
+    with pytest.raises(ValueError, match=r"^masks\[1\]: mask has shape"):
+        pb.recalibrate(batches[:1] * 2, pb.RenormConfig(),
+                       masks=[np.ones((4, 1), bool), np.ones((3, 1), bool)])
+
+
 @pytest.mark.parametrize(("mask", "error", "match"), [
     (np.ones((8, 3), dtype=np.float64), TypeError, "mask must be a boolean array"),
     (np.ones((8, 2), dtype=bool), ValueError, "mask has shape"),

@@ -80,3 +80,27 @@ def test_compiled_training_and_inference_match_eager():
 @pytest.mark.filterwarnings("ignore::DeprecationWarning:torch")
 def test_compiled_generic_path_with_graph_breaks_matches_eager():
     _check_compiled_matches_eager(_generic_model(), fullgraph=False)
+
+
+def test_fullgraph_training_survives_a_new_batch_size() -> None:
+    """A smaller last batch makes dynamo recompile with symbolic shapes; the native path
+    still compiles whole and stays batch norm in the batch-norm limit."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    bn = nn.BatchNorm1d(4, eps=1e-3, momentum=0.1, dtype=torch.float64)
+    renorm = BatchRenorm1d(4, eps=1e-3, momentum=0.1, r_max=1.0, d_max=0.0,
+                           dtype=torch.float64)
+    compiled = torch.compile(renorm, fullgraph=True)
+    try:
+        for step, rows in enumerate((16, 16, 12, 10)):
+            x = batch(step, (rows, 4), torch.float64).requires_grad_()
+            x_bn = x.detach().clone().requires_grad_()
+            y = compiled(x)
+            y.backward(torch.cos(x.detach()))
+            want = bn(x_bn)
+            want.backward(torch.cos(x_bn.detach()))
+            assert is_close(y.detach(), want.detach(), 1e-12)
+            assert is_close(x.grad, x_bn.grad, 1e-12)
+    finally:
+        torch._dynamo.reset()
+    assert is_close(renorm.running_mean, bn.running_mean, 1e-12)

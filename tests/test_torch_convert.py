@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -217,3 +219,18 @@ def test_recalibrate_needs_a_batch_and_leaves_the_state_when_a_batch_fails():
     with pytest.raises(ValueError, match="features along dim 1"):
         recalibrate(layer, [torch.randn(4, 3, 2, 2) + 5, torch.randn(4, 2, 2, 2)])
     assert torch.equal(layer.running_mean, before) and layer.training
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_converted_running_std_is_the_checkpoint_loads_float64_rounded_once(dtype) -> None:
+    """convert_batchnorm and loading a batch-norm state dict give the same running_std:
+    sqrt(running_var + eps) in float64, rounded once to the layer's dtype."""
+    bn = torch.nn.BatchNorm1d(64, eps=1e-5, dtype=dtype)
+    with torch.no_grad():
+        bn.running_var.copy_(torch.linspace(1e-4, 3.0, 64, dtype=torch.float64))
+    wanted = torch.sqrt(bn.running_var.double() + 1e-5).to(dtype)
+    converted = convert_batchnorm(copy.deepcopy(bn))
+    assert torch.equal(converted.running_std, wanted)
+    loaded = convert_batchnorm(copy.deepcopy(bn))
+    loaded.load_state_dict(bn.state_dict())
+    assert torch.equal(loaded.running_std, wanted)

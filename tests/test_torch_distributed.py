@@ -206,8 +206,9 @@ UNEVEN = {"empty-rank": (0, 0, 8), "one-row-rank": (0, 1, 8), "one-row-in-total"
 # large enough that float32 running sums over the rows lose the mean at this offset
 OFFSET_CASES = {"nchw": ((32, 4, 16, 16), False), "channels-last": ((32, 4, 16, 16), True),
                 "rows": ((8192, 4), False)}
+# momentum=None: the cumulative average, a momentum schedule on the native path too
 SCHEDULED = {**OPTIONS, "warmup_steps": 1, "d_max": schedules.linear(0.0, 1.0, 0, 2),
-             "r_max": schedules.linear(1.0, 1.5, 1, 3)}
+             "r_max": schedules.linear(1.0, 1.5, 1, 3), "momentum": None}
 OFFSET_SPLIT = (0, 5, 16)  # unequal: 5 and 11 sixteenths of the rows
 OFFSET_OPTIONS = {"momentum": 0.3, "r_max": 1.5, "d_max": 1.0}
 

@@ -16,6 +16,7 @@ from .modules import (
     BatchRenorm3d,
     SyncBatchRenorm,
     _BatchRenorm,
+    std_from_batchnorm_var,
 )
 
 __all__ = ["convert_batchnorm", "convert_sync_batchrenorm", "to_batchnorm"]
@@ -74,7 +75,7 @@ def _from_batchnorm(bn: _BatchNorm, options: dict[str, Any]) -> _BatchRenorm:
             renorm.bias.copy_(bn.bias)
         if bn.track_running_stats:
             renorm.running_mean.copy_(bn.running_mean)
-            renorm.running_std.copy_(torch.sqrt(bn.running_var + bn.eps))
+            renorm.running_std.copy_(std_from_batchnorm_var(bn.running_var, bn.eps))
             renorm.num_batches_tracked.copy_(bn.num_batches_tracked)
     return _like(renorm, bn)
 

@@ -134,11 +134,21 @@ def _saved_not_recomputed(r: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tenso
     return r, d
 
 
+def _batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean and biased variance over every dim but 1: batch norm's statistics
+    kernel eagerly; ``var_mean`` under ``torch.compile``, where the kernel has no fake
+    implementation for symbolic shapes (a recompile for a new batch size would fail)."""
+    if torch.compiler.is_compiling():
+        var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=0)
+        return mean, var
+    return torch.batch_norm_update_stats(x, None, None, 0.0)
+
+
 def _native_train(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                   state: RenormState, config: RenormConfig,
                   finite_out: torch.Tensor | None) -> torch.Tensor:
     """The fast training step: updates ``state``'s tensors in place after the output."""
-    mean, var = torch.batch_norm_update_stats(x.detach(), None, None, 0.0)
+    mean, var = _batch_moments(x.detach())
     std = torch.add(var, config.eps).sqrt_()
     r_min, r_max, d_max = clip_limits(config, state.step, std.dtype)
     r = torch.div(std, state.std).clamp_(r_min, r_max)

@@ -61,6 +61,12 @@ def _entry_problem(name: str, value: Any, current: torch.Tensor) -> str | None:
     return None
 
 
+def std_from_batchnorm_var(var: torch.Tensor, eps: float) -> torch.Tensor:
+    """Batch norm's inference std ``sqrt(running_var + eps)``, computed in float64 and
+    returned in ``var``'s dtype (the one conversion: checkpoints and ``convert_batchnorm``)."""
+    return torch.sqrt(var.double() + eps).to(var.dtype)
+
+
 def _config_property(name: str) -> property:
     """A constructor option kept in ``self.config``: setting it validates the value (the
     error names it, the layer stays as it was) and takes effect from the next call."""
@@ -251,7 +257,7 @@ class _BatchRenorm(nn.Module):
         if older and isinstance(state_dict.get(var_key), torch.Tensor) \
                 and std_key not in state_dict:
             var = state_dict.pop(var_key)
-            state_dict[std_key] = torch.sqrt(var.double() + self.eps).to(var.dtype)
+            state_dict[std_key] = std_from_batchnorm_var(var, self.eps)
         problems = self._state_dict_problems(state_dict, prefix)
         if problems:  # load_state_dict raises them all; nothing of this layer moved
             error_msgs.extend(problems)

@@ -29,7 +29,7 @@ from torch.autograd.function import once_differentiable
 
 from portable_brn.config import RenormConfig
 from portable_brn.layout import make_layout
-from portable_brn.renorm import clip_limits
+from portable_brn.renorm import clip_limits, momentum_at
 from portable_brn.state import RenormState
 
 from .functional import ReplicaMean, batch_norm_step, train_step, uses_native
@@ -158,9 +158,10 @@ def _native_sync_step(x: torch.Tensor, weight: torch.Tensor | None,
                           r.to(dtype), d.to(dtype), count, group)
     if state is not None:
         finite = torch.isfinite(mean) & torch.isfinite(std)
+        momentum = momentum_at(config, state.step, torch.float64)  # a schedule, or None's
         with torch.no_grad():
             for buffer, target in ((state.mean, mean), (state.std, std)):
-                moved = buffer + config.momentum * (target - buffer)
+                moved = buffer + momentum * (target - buffer)
                 buffer.copy_(torch.where(finite, moved, buffer))
             state.step.add_(1)
             if finite_out is not None:
