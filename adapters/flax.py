@@ -35,7 +35,12 @@ from flax import nnx
 from flax.core import FrozenDict, freeze, unfreeze
 
 from portable_brn.config import RenormConfig
-from portable_brn.conventions import RENORM_OPTIONS, config_from_flax, rate_from_flax_decay
+from portable_brn.conventions import (
+    RENORM_OPTIONS,
+    config_from_flax,
+    flax_named,
+    rate_from_flax_decay,
+)
 from portable_brn.inputs import check_floating
 from portable_brn.layout import make_layout
 from portable_brn.schedules import ScheduleLike
@@ -273,8 +278,11 @@ class NnxBatchRenorm(nnx.Module):
                                      f"the layer's variables; make a new layer")
             if name in _CONFIG_OPTIONS:
                 core = rate_from_flax_decay(value) if name == "momentum" else value
-                super().__setattr__("config", dataclasses.replace(
-                    self.config, **{_CONFIG_OPTIONS[name]: core}))
+                try:
+                    config = dataclasses.replace(self.config, **{_CONFIG_OPTIONS[name]: core})
+                except (TypeError, ValueError) as error:
+                    raise flax_named(error) from error
+                super().__setattr__("config", config)
                 return  # the attribute is a view of config (below)
         super().__setattr__(name, value)
 

@@ -29,8 +29,9 @@ from portable_brn.config import RenormConfig
 from portable_brn.moments import ReplicaMean
 from portable_brn.renorm import Residuals, backward, forward_infer, forward_train
 from portable_brn.state import RenormState, init_params, init_state
+from portable_brn.xla_kernel import XlaKernel
 
-__all__ = ["RenormState", "TrainOutput", "as_jax_array", "batch_renorm", "init",
+__all__ = ["RenormState", "TrainOutput", "XlaKernel", "as_jax_array", "batch_renorm", "init",
            "renorm_infer", "renorm_train"]
 
 

@@ -40,13 +40,15 @@ def check_name(kind: str, output: str) -> str:
 
 def relative_error(out: np.ndarray, ref: np.ndarray) -> float:
     """``||out - ref|| / ||ref||`` over the entries where ``ref`` is finite; 0 when both
-    are zero; Inf, never NaN, when the shapes or the positions of non-finite entries
-    differ (so that ``max`` and ``<=`` over errors cannot let a wrong output through)."""
+    are zero; Inf, never NaN, when the shapes differ or the non-finite entries do (their
+    positions, or NaN against an infinity, or the infinity's sign), so that ``max`` and
+    ``<=`` over errors cannot let a wrong output through."""
     out, ref = np.asarray(out, dtype=np.float64), np.asarray(ref, dtype=np.float64)
     if out.shape != ref.shape:
         return math.inf
     finite = np.isfinite(ref)
-    if not np.array_equal(finite, np.isfinite(out)):
+    if not np.array_equal(finite, np.isfinite(out)) or not np.array_equal(
+            out[~finite], ref[~finite], equal_nan=True):
         return math.inf
     diff = float(np.linalg.norm(out[finite] - ref[finite]))
     norm = float(np.linalg.norm(ref[finite]))

@@ -11,7 +11,8 @@ import os
 
 __all__ = ["REQUIRED_IN_CI", "in_ci", "required_here"]
 
-REQUIRED_IN_CI = frozenset({"torch", "jax", "flax", "numba", "array_api_strict"})
+REQUIRED_IN_CI = frozenset({"torch", "jax", "flax", "numba", "array_api_strict", "onnx",
+                            "onnxruntime"})
 
 
 def in_ci() -> bool:

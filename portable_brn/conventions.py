@@ -19,8 +19,10 @@ from typing import Any
 from .config import RenormConfig
 from .schedules import CumulativeAverage
 
-__all__ = ["RENORM_OPTIONS", "config_from_flax", "flax_options", "rate_from_flax_decay",
-           "torch_options"]
+__all__ = ["RENORM_OPTIONS", "config_from_flax", "flax_named", "flax_options",
+           "rate_from_flax_decay", "torch_options"]
+
+_FLAX_NAMES = {"eps": "epsilon", "feature_axis": "axis"}  # the core's name: Flax's
 
 RENORM_OPTIONS = ("r_max", "d_max", "r_min", "warmup_steps", "micro_batch", "output_clip")
 
@@ -54,8 +56,24 @@ def rate_from_flax_decay(momentum: float) -> float:
     return 1.0 - momentum
 
 
+def flax_named(error: Exception) -> Exception:
+    """``error`` from ``RenormConfig`` with the option named as Flax names it (``eps`` is
+    ``epsilon``, ``feature_axis`` is ``axis``): a message that names the argument the
+    caller passed."""
+    head, space, rest = str(error).partition(" ")
+    if head not in _FLAX_NAMES:
+        return error
+    renamed = type(error)(f"{_FLAX_NAMES[head]}{space}{rest}")
+    renamed.__cause__ = error
+    return renamed
+
+
 def config_from_flax(*, axis: Any, momentum: float, epsilon: float,
                      **renorm_options: Any) -> RenormConfig:
-    """The core's configuration from Flax's keywords; ``momentum`` is Flax's decay."""
-    return RenormConfig(feature_axis=axis, eps=epsilon,
-                        momentum=rate_from_flax_decay(momentum), **renorm_options)
+    """The core's configuration from Flax's keywords; ``momentum`` is Flax's decay.
+    Errors name Flax's arguments."""
+    rate = rate_from_flax_decay(momentum)
+    try:
+        return RenormConfig(feature_axis=axis, eps=epsilon, momentum=rate, **renorm_options)
+    except (TypeError, ValueError) as error:
+        raise flax_named(error) from error

@@ -37,8 +37,11 @@ def test_nan_never_passes() -> None:
                  (np.ones(3), ref), (2.0 * huge, huge)]
         assert [max(0.0, checks.relative_error(out, want)) for out, want in pairs] == [
             math.inf] * len(pairs)
-    # Where the expected value is not finite, only the positions must agree.
-    assert checks.relative_error(np.array([np.nan, 2.0]), np.array([np.inf, 2.0])) == 0.0
+    # Where the expected value is not finite, the output must be the same non-finite value.
+    assert checks.relative_error(np.array([np.nan, 2.0]), np.array([np.inf, 2.0])) == math.inf
+    assert checks.relative_error(np.array([-np.inf, 2.0]), np.array([np.inf, 2.0])) == math.inf
+    assert checks.relative_error(np.array([np.nan, 2.0]), np.array([np.nan, 2.0])) == 0.0
+    assert checks.relative_error(np.array([np.inf, 2.0]), np.array([np.inf, 2.0])) == 0.0
 
 
 def test_worst_keeps_nan_over_any_number() -> None:

@@ -10,6 +10,8 @@ import pytest
 from portable_brn import RenormConfig, RenormState
 from portable_brn.conformance import reference as ref
 
+from conftest import rel_err
+
 jax = pytest.importorskip("jax")
 nn = pytest.importorskip("flax.linen")
 nnx = pytest.importorskip("flax.nnx")
@@ -18,14 +20,6 @@ import jax.numpy as jnp  # noqa: E402
 
 from portable_brn.adapters.flax import BatchRenorm, NnxBatchRenorm  # noqa: E402
 from portable_brn.adapters.jax import renorm_train  # noqa: E402
-
-
-def _err(out, expected) -> float:
-    """Relative error that fails on a shape mismatch and on anything non-finite."""
-    out, expected = np.asarray(out, np.float64), np.asarray(expected, np.float64)
-    assert out.shape == expected.shape, (out.shape, expected.shape)
-    assert np.all(np.isfinite(out)), "non-finite output"
-    return float(np.linalg.norm(out - expected) / np.linalg.norm(expected))
 
 
 def _data(shape, mask_shape, seed=0):
@@ -60,7 +54,7 @@ def test_functional_with_mask_matches_reference(use_custom_vjp, micro_batch) -> 
                                               jnp.asarray(bias))
         for value, key in ((out.y, "y"), (dx, "dx"), (dweight, "dweight"), (dbias, "dbias"),
                            (out.state.mean, "mean"), (out.state.std, "std")):
-            assert _err(value, expected[key]) <= 1e-12, key
+            assert rel_err(value, expected[key]) <= 1e-12, key
 
 
 def _linen_step(module, x, dy, mask):
@@ -91,7 +85,7 @@ def test_linen_batch_norm_limit_equals_flax_batchnorm_with_mask(dtype) -> None:
                            (ours[2]["scale"], native[2]["scale"], "dscale"),
                            (ours[2]["bias"], native[2]["bias"], "dbias"),
                            (ours[3]["mean"], native[3]["mean"], "moving mean")):
-            assert _err(a, b) <= bound, what
+            assert rel_err(a, b) <= bound, what
 
 
 def test_nnx_batch_norm_limit_equals_nnx_batchnorm_with_mask() -> None:
@@ -109,9 +103,9 @@ def test_nnx_batch_norm_limit_equals_nnx_batchnorm_with_mask() -> None:
             def loss(module, x):
                 return jnp.sum(module(x, mask=mask) * dy)
             results.append((module(x, mask=mask), nnx.grad(loss, argnums=1)(module, x)))
-        assert _err(results[1][0], results[0][0]) <= 1e-12
-        assert _err(results[1][1], results[0][1]) <= 1e-12
-        assert _err(ours.mean[...], native.mean[...]) <= 1e-12
+        assert rel_err(results[1][0], results[0][0]) <= 1e-12
+        assert rel_err(results[1][1], results[0][1]) <= 1e-12
+        assert rel_err(ours.mean[...], native.mean[...]) <= 1e-12
 
 
 def test_functional_mask_over_replicas_is_the_global_batch() -> None:
@@ -136,7 +130,7 @@ def test_functional_mask_over_replicas_is_the_global_batch() -> None:
 
         y, dx, new_mean = jax.vmap(replica, axis_name="r")(
             jnp.asarray(x), jnp.asarray(mask), jnp.asarray(dy))
-    assert _err(y.reshape(12, 3), expected["y"]) <= 1e-12
-    assert _err(dx.reshape(12, 3), expected["dx"]) <= 1e-12
-    assert _err(new_mean[0], expected["mean"]) <= 1e-12
-    assert _err(new_mean[1], expected["mean"]) <= 1e-12
+    assert rel_err(y.reshape(12, 3), expected["y"]) <= 1e-12
+    assert rel_err(dx.reshape(12, 3), expected["dx"]) <= 1e-12
+    assert rel_err(new_mean[0], expected["mean"]) <= 1e-12
+    assert rel_err(new_mean[1], expected["mean"]) <= 1e-12

@@ -49,7 +49,8 @@ def test_nnx_option_set_after_construction_is_used(name, value, reference) -> No
 @pytest.mark.parametrize(("name", "value", "error", "message"), [
     ("r_max", 0.5, ValueError, r"^r_max must be in \[1\.0, inf\]"),
     ("momentum", 1.0, ValueError, r"^momentum is the decay of the old statistics"),
-    ("epsilon", "small", TypeError, r"^eps must be a real number"),
+    ("epsilon", "small", TypeError, r"^epsilon must be a real number"),
+    ("axis", (1, 1), ValueError, r"^axis has a repeated axis"),
 ])
 def test_nnx_bad_option_is_refused_and_changes_nothing(name, value, error, message) -> None:
     model = _model()
@@ -93,3 +94,13 @@ def test_linen_option_set_on_an_unbound_module_is_used_and_checked() -> None:
     module.r_max = 0.5
     with pytest.raises(ValueError, match=r"^r_max must be in \[1\.0, inf\]"):
         module.apply(variables, jnp.asarray(X), mutable=["batch_stats"])
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"epsilon": -1.0}, r"^epsilon must be in"), ({"axis": ()}, r"^axis must name"),
+])
+def test_flax_constructors_name_flax_arguments(options, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        BatchRenorm(**options)
+    with pytest.raises(ValueError, match=message):
+        NnxBatchRenorm(3, rngs=nnx.Rngs(0), **options)

@@ -11,6 +11,8 @@ import portable_brn as pb
 from portable_brn.adapters.array import BatchRenorm
 from portable_brn.conformance import reference as ref
 
+from conftest import rel_err
+
 # (name, x shape, mask shape, core options)
 CASES = [
     ("rows", (8, 3), (8, 3), dict(feature_axis=1)),
@@ -42,15 +44,6 @@ def _problem(shape, mask_shape, feature_axis, seed=0, dtype=np.float64) -> dict:
                 bias=0.2 * rng.standard_normal(features))
 
 
-def _err(out, expected) -> float:
-    """Relative error that fails on a shape mismatch and on anything non-finite."""
-    out, expected = np.asarray(out, np.float64), np.asarray(expected, np.float64)
-    assert out.shape == expected.shape, (out.shape, expected.shape)
-    assert np.all(np.isfinite(out)), "non-finite output"
-    scale = np.linalg.norm(expected)
-    return float(np.linalg.norm(out - expected) / (scale if scale else 1.0))
-
-
 def _reference(p: dict, options: dict, step: int = 7) -> dict:
     return ref.train_step(p["x"], p["mean"], p["std"], step, p["weight"], p["bias"], p["dy"],
                           mask=p["mask"], **options)
@@ -74,7 +67,7 @@ def test_core_with_mask_matches_reference(backend, name, shape, mask_shape, opti
     options = {**LIMITS, **options}
     expected, out = _reference(p, options), _core(backend, p, options)
     for key in ("y", "dx", "dweight", "dbias", "mean", "std"):
-        assert _err(backend.get(out[key]), expected[key]) <= 1e-12, key
+        assert rel_err(backend.get(out[key]), expected[key]) <= 1e-12, key
     np.testing.assert_array_equal(backend.get(out["finite"]), expected["finite"])
 
 
@@ -85,7 +78,7 @@ def test_float32_with_mask_within_spec_bound() -> None:
     backend_out = _core(_NUMPY, {**p, **{k: p[k].astype(np.float32)
                                          for k in ("mean", "std", "weight", "bias")}}, options)
     for key in ("y", "dx", "dweight", "dbias", "mean", "std"):
-        assert _err(backend_out[key], expected[key]) <= 1e-5, key
+        assert rel_err(backend_out[key], expected[key]) <= 1e-5, key
 
 
 class _Numpy:
@@ -114,7 +107,7 @@ def test_all_true_mask_is_no_mask() -> None:
     plain = ref.train_step(p["x"], p["mean"], p["std"], 7, p["weight"], p["bias"], p["dy"],
                            **options)
     for key in ("y", "dx", "dweight", "dbias", "mean", "std"):
-        assert _err(masked[key], plain[key]) <= 1e-12, key
+        assert rel_err(masked[key], plain[key]) <= 1e-12, key
 
 
 def test_feature_or_group_with_nothing_counted_keeps_the_state() -> None:
@@ -128,7 +121,7 @@ def test_feature_or_group_with_nothing_counted_keeps_the_state() -> None:
     np.testing.assert_array_equal(expected["finite"], [True, False, False])
     np.testing.assert_array_equal(out["mean"][1:], p["mean"][1:])
     np.testing.assert_array_equal(out["std"][1:], p["std"][1:])
-    assert _err(out["mean"][:1], expected["mean"][:1]) <= 1e-12
+    assert rel_err(out["mean"][:1], expected["mean"][:1]) <= 1e-12
 
 
 def test_reference_masked_gradient_by_finite_differences() -> None:
@@ -150,7 +143,7 @@ def test_reference_masked_gradient_by_finite_differences() -> None:
         up[index] += h
         down[index] -= h
         numeric[index] = (loss(up) - loss(down)) / (2 * h)
-    assert _err(dx, numeric) <= 1e-7
+    assert rel_err(dx, numeric) <= 1e-7
 
 
 def test_moments_and_recalibrate_with_masks() -> None:
@@ -222,7 +215,7 @@ def test_array_layer_with_mask_matches_reference() -> None:
     for out, key in ((y, "y"), (dx, "dx"), (layer.grad_weight, "dweight"),
                      (layer.grad_bias, "dbias"), (layer.state.mean, "mean"),
                      (layer.state.std, "std")):
-        assert _err(out, expected[key]) <= 1e-12, key
+        assert rel_err(out, expected[key]) <= 1e-12, key
     inferred = layer.forward(p["x"], training=False, mask=p["mask"])
-    assert _err(inferred, ref.infer(p["x"], expected["mean"], expected["std"], p["weight"],
+    assert rel_err(inferred, ref.infer(p["x"], expected["mean"], expected["std"], p["weight"],
                                     p["bias"])) <= 1e-12
