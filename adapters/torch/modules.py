@@ -18,7 +18,7 @@ from portable_brn.config import RenormConfig
 from portable_brn.schedules import ScheduleLike
 from portable_brn.state import RenormState
 
-from .functional import ReplicaMean, batch_norm_step, infer_step, train_step
+from .functional import ReplicaMean, _batch_renorm
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "SyncBatchRenorm"]
 
@@ -49,13 +49,14 @@ class _BatchRenorm(nn.Module):
     as in ``RenormConfig``.  ``momentum=None`` (batch norm's cumulative average) is not
     supported.
 
-    Float32 and float64 inputs of the layer's dtype on CPU or CUDA train on PyTorch's
-    native batch-norm kernels with r and d folded into the affine weights; ``micro_batch``,
-    ``output_clip``, 16-bit inputs (statistics and state in float32, output in the input
-    dtype, e.g. under ``torch.autocast``), inputs of another dtype than the layer's and
-    synchronised statistics take the core's generic path instead.  Both have SPEC
-    section 4's gradients; neither supports double backward.  ``torch.compile`` traces the
-    native path whole (``fullgraph=True``); the generic path compiles with graph breaks.
+    Every configuration trains on PyTorch's native batch-norm kernels with r and d folded
+    into the affine weights (``portable_brn.adapters.torch.functional.batch_renorm``):
+    float32/float64 inputs of the layer's dtype and 16-bit inputs of a float32 layer
+    (statistics and state in float32, output in the input dtype, e.g. under
+    ``torch.autocast``), with or without ``micro_batch`` and ``output_clip``.  Inputs of
+    another dtype and synchronised statistics take the core's generic path.  Both have
+    SPEC section 4's gradients; neither supports double backward.  ``torch.compile``
+    traces the native path whole (``fullgraph=True``).
 
     After each training step the non-persistent buffer ``last_finite`` says, per feature,
     whether the batch statistics were finite; where they were not, the running
@@ -163,16 +164,12 @@ class _BatchRenorm(nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input(input)
-        if not self.track_running_stats:
-            return batch_norm_step(input, self.weight, self.bias, self.config,
-                                   replica_mean=self._replica_mean(input))
-        if not self.training:
-            return infer_step(input, self.weight, self.bias, self.running_mean,
-                              self.running_std, self.config)
-        state = RenormState(self.running_mean, self.running_std, self.num_batches_tracked)
-        return train_step(input, self.weight, self.bias, state, self.config,
-                          replica_mean=self._replica_mean(input),
-                          finite_out=self.last_finite)
+        state = None
+        if self.track_running_stats:
+            state = RenormState(self.running_mean, self.running_std, self.num_batches_tracked)
+        return _batch_renorm(input, state, self.weight, self.bias, self._uses_batch_stats(),
+                             self.config, replica_mean=self._replica_mean(input),
+                             finite_out=self.last_finite)
 
     def extra_repr(self) -> str:
         c = self.config
