@@ -181,7 +181,9 @@ class _NativeRenorm(torch.autograd.Function):
         else:
             r_min, r_max, d_max = limits
             r = torch.div(std, running_std).clamp_(r_min, r_max)
-            d = torch.sub(true_mean, running_mean).div_(running_std).clamp_(-d_max, d_max)
+            # mu_B - mean as (shifted mu_B) + (origin - mean): exact while mu_B is rounded
+            offset = running_mean if origin is None else running_mean - origin
+            d = torch.sub(mean, offset).div_(running_std).clamp_(-d_max, d_max)
         r, d = _saved_not_recomputed(r, d)
         if clip is None:
             scale, shift = (r, d) if weight is None else (weight * r,
