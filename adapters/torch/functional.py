@@ -116,9 +116,16 @@ def _per_group_stats(x: torch.Tensor, groups: int, stat_dtype: torch.dtype,
     """Per-micro-batch mean and biased variance, ``(groups, C)`` in ``stat_dtype``.
 
     16-bit inputs pass float32 scratch buffers with momentum 0, which selects batch
-    norm's mixed-dtype kernel: float32 accumulation and float32 results."""
+    norm's mixed-dtype kernel: float32 accumulation and float32 results (under
+    ``torch.compile``, which has no fake kernel for that, a float32 ``var_mean`` the
+    compiler fuses with the cast)."""
     scratch = None
     if x.dtype != stat_dtype:
+        if torch.compiler.is_compiling():
+            var, mean = torch.var_mean(_grouped(x, groups).to(stat_dtype),
+                                       _reduce_dims(x) if groups == 1 else
+                                       [1, *range(3, x.dim() + 1)], correction=0)
+            return mean.reshape(groups, -1), var.reshape(groups, -1)
         scratch = torch.empty((2, x.shape[1]), dtype=stat_dtype, device=x.device)
     means, variances = [], []
     for part in _slices(x, groups):
@@ -238,8 +245,18 @@ def _affine(z: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | N
     """``weight * z + bias`` (per feature) rounded once to ``dtype``."""
     if weight is None:
         return z.to(dtype)
-    out = torch.empty_like(z, dtype=dtype)
-    return torch.addcmul(_broadcast(bias, z, 1), z, _broadcast(weight, z, 1), out=out)
+    return _addcmul_as(dtype, _broadcast(bias, z, 1), z, _broadcast(weight, z, 1))
+
+
+def _addcmul_as(dtype: torch.dtype, shift: torch.Tensor, x: torch.Tensor,
+                scale: torch.Tensor) -> torch.Tensor:
+    """``shift + x * scale`` computed in the promoted dtype and rounded once to ``dtype``:
+    straight into an output of that dtype in eager mode; under ``torch.compile``, whose
+    tracer takes no ``out=`` of channels-last strides, as a cast the compiler fuses."""
+    if torch.compiler.is_compiling() or dtype == torch.promote_types(x.dtype, scale.dtype):
+        y = torch.addcmul(shift, x, scale)
+        return y if y.dtype == dtype else y.to(dtype)
+    return torch.addcmul(shift, x, scale, out=torch.empty_like(x, dtype=dtype))
 
 
 def _transform(xs: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
@@ -255,9 +272,9 @@ def _transform(xs: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
     k = scale * inv_std
     offset = shift.addcmul(mean, k, value=-1)
     view = _grouped(xs, groups)
-    out = torch.empty_like(view, dtype=out_dtype)
-    torch.addcmul(_broadcast(offset, view, groups), view, _broadcast(k, view, groups), out=out)
-    return out.view(xs.shape)
+    y = _addcmul_as(out_dtype, _broadcast(offset, view, groups), view,
+                    _broadcast(k, view, groups))
+    return y.view(xs.shape)
 
 
 def _batch_norm_backward(grad: torch.Tensor, xs: torch.Tensor, scale: torch.Tensor,
