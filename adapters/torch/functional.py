@@ -133,6 +133,8 @@ def _per_group_stats(x: torch.Tensor, groups: int, stat_dtype: torch.dtype,
         mean, var = torch.batch_norm_update_stats(part, *running, 0.0)
         means.append(mean)
         variances.append(var)
+    if groups == 1:  # views, no kernel
+        return means[0].unsqueeze(0), variances[0].unsqueeze(0)
     return torch.stack(means), torch.stack(variances)
 
 
@@ -291,7 +293,10 @@ def _batch_norm_backward(grad: torch.Tensor, xs: torch.Tensor, scale: torch.Tens
         g, x, None, None, None, m, s, True, eps, [False, True, True])[1:]
         for g, x, m, s in zip(_slices(grad, groups), _slices(xs, groups), mean, inv_std,
                               strict=True)]
-    sum_g_xhat, sum_g = (torch.stack(column) for column in zip(*sums, strict=True))
+    if groups == 1:
+        sum_g_xhat, sum_g = (column.unsqueeze(0) for column in sums[0])
+    else:
+        sum_g_xhat, sum_g = (torch.stack(column) for column in zip(*sums, strict=True))
     dx = None
     if need_x:
         count = xs.numel() // (xs.shape[1] * groups)
