@@ -120,6 +120,11 @@ def _per_group_stats(x: torch.Tensor, groups: int, stat_dtype: torch.dtype,
     ``torch.compile``, which has no fake kernel for that, a float32 ``var_mean`` the
     compiler fuses with the cast)."""
     scratch = None
+    if groups > 1 and not _channels_innermost(x):
+        # batch norm's NCHW statistics kernel is several times slower on small slices
+        var, mean = torch.var_mean(_grouped(x, groups).to(stat_dtype),
+                                   [1, *range(3, x.dim() + 1)], correction=0)
+        return mean.reshape(groups, -1), var.reshape(groups, -1)
     if x.dtype != stat_dtype:
         if torch.compiler.is_compiling():
             var, mean = torch.var_mean(_grouped(x, groups).to(stat_dtype),
@@ -289,20 +294,43 @@ def _batch_norm_backward(grad: torch.Tensor, xs: torch.Tensor, scale: torch.Tens
             grad, xs, scale[0], None, None, mean[0], inv_std[0], True, eps,
             [need_x, need_sums, need_sums])
         return dx, sum_g_xhat[None] if need_sums else None, sum_g[None] if need_sums else None
-    sums = [torch.ops.aten.native_batch_norm_backward(
-        g, x, None, None, None, m, s, True, eps, [False, True, True])[1:]
-        for g, x, m, s in zip(_slices(grad, groups), _slices(xs, groups), mean, inv_std,
-                              strict=True)]
-    if groups == 1:
-        sum_g_xhat, sum_g = (column.unsqueeze(0) for column in sums[0])
+    if groups > 1 and not _channels_innermost(xs) and xs.dtype == mean.dtype:
+        sum_g_xhat, sum_g = _grouped_sums(grad, xs, mean, inv_std, groups)
     else:
-        sum_g_xhat, sum_g = (torch.stack(column) for column in zip(*sums, strict=True))
+        sum_g_xhat, sum_g = _per_slice_sums(grad, xs, mean, inv_std, eps, groups)
     dx = None
     if need_x:
         count = xs.numel() // (xs.shape[1] * groups)
         dx = _dx_by_addcmul(grad, xs, scale * inv_std, mean, inv_std, sum_g_xhat, sum_g,
                             count, groups).to(grad.dtype)
     return dx, sum_g_xhat, sum_g
+
+
+def _grouped_sums(grad: torch.Tensor, xs: torch.Tensor, mean: torch.Tensor,
+                  inv_std: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(groups, C)`` sums of ``g * x_hat`` and ``g`` for float32/float64 features
+    that are not innermost: dot products along the contiguous spatial run, no temporary
+    (batch norm's NCHW backward kernel is several times slower on small slices; 16-bit
+    dot products would round each row's sum, so those keep that kernel)."""
+    shape = (groups, xs.shape[0] // groups, xs.shape[1], -1)
+    gv, xv = grad.reshape(shape), xs.reshape(shape)
+    sum_g = gv.sum((1, 3), dtype=mean.dtype)
+    sum_gx = torch.linalg.vecdot(gv, xv, dim=3).sum(1, dtype=mean.dtype)
+    return sum_gx.addcmul_(mean, sum_g, value=-1).mul_(inv_std), sum_g
+
+
+def _per_slice_sums(grad: torch.Tensor, xs: torch.Tensor, mean: torch.Tensor,
+                    inv_std: torch.Tensor, eps: float, groups: int,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(groups, C)`` sums of ``g * x_hat`` and ``g``, by batch norm's backward per
+    micro-batch."""
+    sums = [torch.ops.aten.native_batch_norm_backward(
+        g, x, None, None, None, m, s, True, eps, [False, True, True])[1:]
+        for g, x, m, s in zip(_slices(grad, groups), _slices(xs, groups), mean, inv_std,
+                              strict=True)]
+    if groups == 1:
+        return tuple(column.unsqueeze(0) for column in sums[0])
+    return tuple(torch.stack(column) for column in zip(*sums, strict=True))
 
 
 def _moved_state(state: RenormState, mean: torch.Tensor, std: torch.Tensor,
