@@ -78,6 +78,12 @@ def _slices(x: torch.Tensor, groups: int) -> list[torch.Tensor]:
     return [x] if groups == 1 else list(x.chunk(groups))
 
 
+def _batch_norm_layout(x: torch.Tensor) -> bool:
+    """Whether batch norm's own kernels beat ``addcmul`` for one group of ``x``: features
+    not innermost, or a 16-bit input (whose ``addcmul`` would run in float32)."""
+    return not _channels_innermost(x) or x.dtype in _HALF_DTYPES
+
+
 def _groups(x: torch.Tensor, micro_batch: int | None) -> int:
     """How many micro-batches ``x`` holds, after checking that they split it evenly and
     leave more than one value per feature (the core's checks, without its cached
@@ -273,7 +279,7 @@ def _transform(xs: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
     ``out_dtype`` (default x's).  One group of features that are not innermost uses
     batch norm's inference kernel; everything else one ``addcmul`` over the view."""
     out_dtype = out_dtype or xs.dtype
-    if groups == 1 and not _channels_innermost(xs) and out_dtype == xs.dtype:
+    if groups == 1 and _batch_norm_layout(xs) and out_dtype == xs.dtype:
         return F.batch_norm(xs, mean[0], var[0], scale.reshape(-1), shift.reshape(-1),
                             False, 0.0, eps)
     k = scale * inv_std
@@ -289,7 +295,7 @@ def _batch_norm_backward(grad: torch.Tensor, xs: torch.Tensor, scale: torch.Tens
                          need_x: bool, need_sums: bool) -> tuple:
     """Batch norm's backward with weight ``scale`` per (group, feature): ``dx`` (None
     unless ``need_x``) and the ``(groups, C)`` sums of ``g * x_hat`` and ``g``."""
-    if groups == 1 and not _channels_innermost(xs):
+    if groups == 1 and _batch_norm_layout(xs):
         dx, sum_g_xhat, sum_g = torch.ops.aten.native_batch_norm_backward(
             grad, xs, scale[0], None, None, mean[0], inv_std[0], True, eps,
             [need_x, need_sums, need_sums])
