@@ -287,7 +287,7 @@ OFFSET_LAYOUTS = {"nchw": ((16, 8, 6, 6), False), "channels-last": ((16, 8, 6, 6
                   "rows": ((256, 32), False)}
 
 
-def _offset_step(train, layout, offset):
+def _offset_step(train, layout, offset, **options):
     """One float32 step at ``x = offset + N(0, 1)`` (state near the data) by ``train``, and
     the relative error of each result against the float64 reference on the same inputs."""
     from portable_brn.conformance import reference
@@ -302,10 +302,10 @@ def _offset_step(train, layout, offset):
     bias = torch.randn(channels, generator=generator)
     mean = offset + 0.1 * torch.randn(channels, generator=generator)
     std = torch.rand(channels, generator=generator) + 0.5
-    config = BatchRenorm1d(channels, r_max=1.5, d_max=0.5, momentum=0.1).config
+    config = BatchRenorm1d(channels, r_max=1.5, d_max=0.5, momentum=0.1, **options).config
     expected = reference.train_step(numpy(x), numpy(mean), numpy(std), 3, numpy(weight),
                                     numpy(bias), numpy(grad), r_max=1.5, d_max=0.5,
-                                    momentum=0.1, eps=config.eps)
+                                    momentum=0.1, eps=config.eps, **options)
     got = _one_step(train, x, grad, weight, bias, mean, std, torch.tensor(3), config)
     names = {"y": "y", "dx": "dx", "dweight": "dweight", "dbias": "dbias", "mean": "mean",
              "std": "std"}
@@ -325,6 +325,15 @@ def test_float32_at_offset_100_is_within_spec(layout):
     """x = 100 + N(0, 1): y, dx, the gradients and the new state within SPEC's 1e-5 of a
     float64 computation of the same step on the same float32 inputs."""
     errors = _offset_step(_native, layout, 100.0)
+    assert all(error <= 1e-5 for error in errors.values()), errors
+
+
+@pytest.mark.parametrize("options", [{"micro_batch": 4}, {"output_clip": (-1.0, 1.0)}],
+                         ids=["micro-batch", "output-clip"])
+@pytest.mark.parametrize("layout", list(OFFSET_LAYOUTS))
+def test_float32_options_at_offset_100_are_within_spec(layout, options):
+    """Micro-batches and output clipping keep SPEC's 1e-5 at x = 100 + N(0, 1) too."""
+    errors = _offset_step(_native, layout, 100.0, **options)
     assert all(error <= 1e-5 for error in errors.values()), errors
 
 

@@ -219,8 +219,8 @@ class _NativeRenorm(torch.autograd.Function):
             clipped_z = inside = None
         else:
             z = _transform(xs, r, d, mean, var, inv_std, eps, groups, out_dtype=stat_dtype)
-            inside = (z >= clip[0]).logical_and_(z <= clip[1])
-            clipped_z = z.clamp_(*clip)
+            clipped_z = z.clamp(*clip)
+            inside = clipped_z == z  # low <= z <= high (NaN: False), in one pass
             y = _affine(clipped_z, weight, bias, x.dtype)
             scale = r if weight is None else weight * r
         ctx.eps, ctx.groups = eps, groups
