@@ -122,10 +122,16 @@ def _per_group_stats(x: torch.Tensor, groups: int, stat_dtype: torch.dtype,
     """Per-micro-batch mean and biased variance, ``(groups, C)`` in ``stat_dtype``.
 
     16-bit inputs pass float32 scratch buffers with momentum 0, which selects batch
-    norm's mixed-dtype kernel: float32 accumulation and float32 results (under
-    ``torch.compile``, which has no fake kernel for that, a float32 ``var_mean`` the
-    compiler fuses with the cast)."""
+    norm's mixed-dtype kernel: float32 accumulation and float32 results.  Under
+    ``torch.compile`` (whose tracer lacks a fake kernel for ``batch_norm_update_stats``
+    once a process has compiled another graph with it) one ``var_mean`` the compiler
+    fuses with any cast."""
     scratch = None
+    if torch.compiler.is_compiling():
+        var, mean = torch.var_mean(_grouped(x, groups).to(stat_dtype),
+                                   _reduce_dims(x) if groups == 1 else
+                                   [1, *range(3, x.dim() + 1)], correction=0)
+        return mean.reshape(groups, -1), var.reshape(groups, -1)
     if groups > 1 and not _channels_innermost(x) and x.dtype == stat_dtype:
         # batch norm's NCHW statistics kernel is several times slower on small slices,
         # var_mean ten times slower than sums; x is shifted: E[x^2] - E[x]^2 cancels little
@@ -139,11 +145,6 @@ def _per_group_stats(x: torch.Tensor, groups: int, stat_dtype: torch.dtype,
                                    [1, *range(3, x.dim() + 1)], correction=0)
         return mean.reshape(groups, -1), var.reshape(groups, -1)
     if x.dtype != stat_dtype:
-        if torch.compiler.is_compiling():
-            var, mean = torch.var_mean(_grouped(x, groups).to(stat_dtype),
-                                       _reduce_dims(x) if groups == 1 else
-                                       [1, *range(3, x.dim() + 1)], correction=0)
-            return mean.reshape(groups, -1), var.reshape(groups, -1)
         scratch = torch.empty((2, x.shape[1]), dtype=stat_dtype, device=x.device)
     means, variances = [], []
     for part in _slices(x, groups):
