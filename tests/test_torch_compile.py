@@ -7,6 +7,7 @@ running statistics; and a 16-bit input into float32 layers."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 
@@ -99,8 +100,13 @@ def _check_compiled_matches_eager(eager, dtype=torch.float32, channels_last=Fals
             y_compiled, grads_compiled = _train_step(compiled, optimizers[1], step, dtype,
                                                      channels_last)
         assert is_close(y_compiled, y, bound), step
+        # the compiled statistics come from another kernel (var_mean): gradients whose
+        # sums cancel (a norm layer before another) differ by its rounding times the
+        # cancellation, so each is held to the bound relative to the largest gradient
+        scale = max(float(grad.norm()) for grad in grads)
         for grad, grad_compiled in zip(grads, grads_compiled, strict=True):
-            assert is_close(grad_compiled, grad, 10 * bound), step
+            error = float((grad_compiled.double() - grad.double()).norm())
+            assert math.isfinite(error) and error <= 10 * bound * scale, step
         for name, buffer in eager.named_buffers():
             if buffer.is_floating_point():
                 assert is_close(compiled_model.get_buffer(name), buffer, 1e-5), (step, name)
