@@ -3,18 +3,31 @@ the native fast path against the core's generic path (SPEC section 4)."""
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
 from hypothesis import assume, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from test_torch_support import BOUND, check_training, is_close, random_affine  # noqa: E402
+from test_torch_support import (  # noqa: E402
+    BOUND,
+    batch,
+    check_training,
+    is_close,
+    numpy,
+    random_affine,
+)
+from torch import nn  # noqa: E402
 
 from portable_brn import schedules  # noqa: E402
 from portable_brn.adapters.torch import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d  # noqa: E402
 from portable_brn.adapters.torch.functional import _core_train, _native_train  # noqa: E402
 from portable_brn.state import RenormState  # noqa: E402
+
+from conftest import rel_err  # noqa: E402
 
 STEPS = 50
 
@@ -169,3 +182,169 @@ def test_training_output_equals_inference_when_no_clip_binds():
     expected = layer(x)
     layer.train()
     assert is_close(layer(x), expected.detach().numpy(), 1e-12)
+
+
+# -- every configuration on the native kernels -------------------------------------------
+
+NATIVE_CONFIGS = [
+    ("2d", BatchRenorm2d, (4, 3, 4, 4), {}, False),
+    ("2d-channels-last", BatchRenorm2d, (4, 3, 4, 4), {}, True),
+    ("1d-rows", BatchRenorm1d, (16, 5), {}, False),
+    ("micro-batch-2d", BatchRenorm2d, (8, 3, 3, 3), {"micro_batch": 2}, False),
+    ("micro-batch-channels-last", BatchRenorm2d, (8, 3, 3, 3), {"micro_batch": 4}, True),
+    ("micro-batch-1d-rows", BatchRenorm1d, (12, 4), {"micro_batch": 3}, False),
+    ("micro-batch-1d-sequence", BatchRenorm1d, (6, 3, 5), {"micro_batch": 2}, False),
+    ("micro-batch-3d", BatchRenorm3d, (4, 2, 3, 2, 3), {"micro_batch": 2}, False),
+    ("output-clip-2d", BatchRenorm2d, (4, 3, 4, 4), {"output_clip": (-1.0, 1.5)}, False),
+    ("output-clip-channels-last", BatchRenorm2d, (4, 3, 4, 4), {"output_clip": (-1.0, 1.5)},
+     True),
+    ("output-clip-micro-batch-1d", BatchRenorm1d, (12, 4),
+     {"output_clip": (-1.0, 1.0), "micro_batch": 6}, False),
+    ("no-affine-clip", BatchRenorm2d, (4, 3, 3, 3), {"affine": False, "output_clip": (-1.0, 1.0)},
+     False),
+]
+
+
+@pytest.fixture
+def core_path_forbidden(monkeypatch):
+    """The core's generic path raises: what runs is the native one."""
+    from portable_brn.adapters.torch import functional
+
+    def forbidden(*args):
+        raise AssertionError("the core's generic path ran")
+    monkeypatch.setattr(functional._CoreRenorm, "apply", forbidden)
+
+
+@pytest.mark.usefixtures("core_path_forbidden")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["f32", "bf16", "f16"])
+@pytest.mark.parametrize(("layer_class", "shape", "options", "channels_last"),
+                         [c[1:] for c in NATIVE_CONFIGS], ids=[c[0] for c in NATIVE_CONFIGS])
+def test_every_configuration_runs_natively_and_matches_the_reference(
+        layer_class, shape, options, channels_last, dtype):
+    """16-bit inputs train a float32 layer: float32 statistics and state, output and
+    gradients in the input dtype, all within SPEC section 6 of the float64 reference."""
+    layer = random_affine(layer_class(shape[1], r_max=1.3, d_max=0.4, momentum=0.3,
+                                      **options))
+    check_training(layer, shape, dtype, 10, channels_last=channels_last)
+    assert layer.running_mean.dtype == torch.float32 == layer.running_std.dtype
+
+
+@pytest.mark.usefixtures("core_path_forbidden")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("options", [{"micro_batch": 2}, {"output_clip": (-1.0, 1.0)},
+                                     {"micro_batch": 3, "output_clip": (-0.5, 2.0)}],
+                         ids=["micro-batch", "output-clip", "both"])
+def test_no_running_stats_runs_natively_and_matches_the_reference(options, dtype):
+    """track_running_stats=False: batch statistics alone (r = 1, d = 0) with the
+    configuration's micro-batches and clip, in both modes."""
+    from portable_brn.conformance import reference
+    layer = random_affine(BatchRenorm2d(3, track_running_stats=False, **options))
+    x = batch(0, (6, 3, 4, 4), dtype).requires_grad_(True)
+    grad = batch(0, (6, 3, 4, 4), dtype, seed=1)
+    expected = reference.train_step(numpy(x), np.zeros(3), np.ones(3), 0, numpy(layer.weight),
+                                    numpy(layer.bias), numpy(grad), eps=layer.eps,
+                                    r_max=1.0, d_max=0.0, **options)
+    for training in (True, False):
+        layer.train(training)
+        x.grad = layer.weight.grad = layer.bias.grad = None
+        y = layer(x)
+        y.backward(grad)
+        for name, actual in (("y", y), ("dx", x.grad), ("dweight", layer.weight.grad),
+                             ("dbias", layer.bias.grad)):
+            assert is_close(actual, expected[name], BOUND[dtype]), (training, name)
+
+
+@pytest.mark.usefixtures("core_path_forbidden")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_autocast_input_runs_natively_and_matches_the_reference(dtype):
+    """Under ``torch.autocast`` a convolution hands the layer a 16-bit tensor; the layer
+    keeps float32 state and returns the input's dtype, within SPEC's 16-bit bound of the
+    reference on that same input."""
+    from portable_brn.conformance import reference
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3)
+    layer = random_affine(BatchRenorm2d(4, r_max=1.3, d_max=0.4, micro_batch=2))
+    seen = {}
+    layer.register_forward_pre_hook(lambda module, args: seen.update(x=args[0]))
+    x = batch(0, (4, 3, 6, 6), torch.float32)
+    with torch.autocast("cpu", dtype=dtype):
+        y = layer(conv(x))
+    assert seen["x"].dtype == dtype and y.dtype == dtype
+    expected = reference.train_step(numpy(seen["x"]), np.zeros(4), np.ones(4), 0,
+                                    numpy(layer.weight), numpy(layer.bias), r_max=1.3,
+                                    d_max=0.4, micro_batch=2, eps=layer.eps,
+                                    momentum=layer.momentum)
+    assert is_close(y, expected["y"], BOUND[dtype])
+    assert layer.running_mean.dtype == torch.float32
+    assert is_close(layer.running_mean, expected["mean"], 1e-5)
+    assert is_close(layer.running_std, expected["std"], 1e-5)
+
+
+# -- float32 accuracy at large offsets ----------------------------------------------------
+
+OFFSET_LAYOUTS = {"nchw": ((16, 8, 6, 6), False), "channels-last": ((16, 8, 6, 6), True),
+                  "rows": ((256, 32), False)}
+
+
+def _offset_step(train, layout, offset, **options):
+    """One float32 step at ``x = offset + N(0, 1)`` (state near the data) by ``train``, and
+    the relative error of each result against the float64 reference on the same inputs."""
+    from portable_brn.conformance import reference
+    shape, channels_last = OFFSET_LAYOUTS[layout]
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=generator) + offset
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(shape, generator=generator)
+    channels = shape[1]
+    weight = torch.rand(channels, generator=generator) + 0.5
+    bias = torch.randn(channels, generator=generator)
+    mean = offset + 0.1 * torch.randn(channels, generator=generator)
+    std = torch.rand(channels, generator=generator) + 0.5
+    config = BatchRenorm1d(channels, r_max=1.5, d_max=0.5, momentum=0.1, **options).config
+    expected = reference.train_step(numpy(x), numpy(mean), numpy(std), 3, numpy(weight),
+                                    numpy(bias), numpy(grad), r_max=1.5, d_max=0.5,
+                                    momentum=0.1, eps=config.eps, **options)
+    got = _one_step(train, x, grad, weight, bias, mean, std, torch.tensor(3), config)
+    names = {"y": "y", "dx": "dx", "dweight": "dweight", "dbias": "dbias", "mean": "mean",
+             "std": "std"}
+    return {name: rel_err(numpy(got[name]), expected[key]) for name, key in names.items()}
+
+
+def _native(*args):
+    return _native_train(*args)
+
+
+def _core(x, weight, bias, state, config, finite):
+    return _core_train(x, weight, bias, state, config, None, finite)
+
+
+@pytest.mark.parametrize("layout", list(OFFSET_LAYOUTS))
+def test_float32_at_offset_100_is_within_spec(layout):
+    """x = 100 + N(0, 1): y, dx, the gradients and the new state within SPEC's 1e-5 of a
+    float64 computation of the same step on the same float32 inputs."""
+    errors = _offset_step(_native, layout, 100.0)
+    assert all(error <= 1e-5 for error in errors.values()), errors
+
+
+@pytest.mark.parametrize("options", [{"micro_batch": 4}, {"output_clip": (-1.0, 1.0)}],
+                         ids=["micro-batch", "output-clip"])
+@pytest.mark.parametrize("layout", list(OFFSET_LAYOUTS))
+def test_float32_options_at_offset_100_are_within_spec(layout, options):
+    """Micro-batches and output clipping keep SPEC's 1e-5 at x = 100 + N(0, 1) too."""
+    errors = _offset_step(_native, layout, 100.0, **options)
+    assert all(error <= 1e-5 for error in errors.values()), errors
+
+
+@pytest.mark.parametrize("layout", list(OFFSET_LAYOUTS))
+def test_float32_at_offset_1e4_is_no_worse_than_twice_the_generic_path(layout):
+    """x = 1e4 + N(0, 1): float32 itself limits the batch mean; the native path's error is
+    at most twice the core's generic path's.  Errors that owe nothing to the offset
+    (float32 sums such as dbias, where the core accumulates in float64) may reach a
+    tenth of SPEC's bound."""
+    native = _offset_step(_native, layout, 1e4)
+    core = _offset_step(_core, layout, 1e4)
+    for name, error in native.items():
+        assert math.isfinite(error) and error <= max(2 * core[name], 1e-6), (name, native,
+                                                                                core)

@@ -1,22 +1,27 @@
-"""The computation behind the PyTorch layers: a native fast path and the core's generic one.
+"""``batch_renorm``: batch renormalization as a function, in the manner of
+``torch.nn.functional.batch_norm``, and the computation behind the PyTorch layers.
 
-Both are ``torch.autograd.Function`` s whose backward is SPEC section 4 (r, d and the
-moving statistics are constants; gradients flow through the batch mean and std):
+Every configuration trains on PyTorch's own batch-norm kernels (``_NativeRenorm``, an
+``autograd.Function`` whose backward is SPEC section 4: r, d and the moving statistics
+are constants, gradients flow through the batch mean and std):
 
-- ``_NativeRenorm`` folds r and d into the affine weights of PyTorch's own batch-norm
-  kernels: the forward is one statistics pass (``torch.batch_norm_update_stats``) and one
-  transform ``y = x_hat * (weight * r) + (weight * d + bias)`` (batch norm's inference
-  kernel, or one ``addcmul`` when features are the innermost dimension); the backward is
-  ``native_batch_norm_backward`` with weight ``weight * r``, which is exactly section 4
-  because the batch-norm backward is linear in the incoming gradient (for ``(N, C)``
-  inputs its per-feature sums, then dx in two ``addcmul`` passes).  It serves float32 and
-  float64 inputs on CPU or CUDA whose dtype matches the layer's, without ``micro_batch``
-  or ``output_clip`` and without replicas.
-- ``_CoreRenorm`` wraps the core's ``forward_train`` and ``backward``: the reference,
-  used for everything else (micro-batches, output clipping, 16-bit inputs, mixed dtypes,
-  statistics synchronised across processes).
+- one statistics pass per micro-batch (``torch.batch_norm_update_stats`` on a slice of
+  the batch, a view), statistics in float32 for float16/bfloat16 inputs;
+- r and d folded into the affine weights, so the output is one transform
+  ``y = x_hat * (weight * r) + (weight * d + bias)``: batch norm's inference kernel, or
+  one ``addcmul`` over a ``(groups, micro_batch, C, ...)`` view whose per-(group,
+  feature) factors broadcast, rounded once to the input dtype; ``output_clip`` clamps
+  ``z = x_hat * r + d`` and keeps the clip's mask for the backward;
+- the backward's per-feature sums from ``native_batch_norm_backward`` per micro-batch,
+  then dx by batch norm's own kernel or two ``addcmul`` passes.
 
-The tests hold the fast path to the core within SPEC section 6's tolerances.
+Where features are the innermost dimension (``(N, C)`` rows, channels-last) or the
+transform is an ``addcmul``, float32 inputs are first shifted by their first sample's
+features: the statistics, the transform and the backward then work on values of the
+order of the batch's spread rather than of its mean, which keeps SPEC's 1e-5 at inputs
+like ``100 + N(0, 1)`` (one more pass over x).  Statistics synchronised across
+processes (``replica_mean``) use the core's generic path, ``_CoreRenorm``.  The tests
+hold the native path to the core and to a float64 reference within SPEC section 6.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -31,31 +37,20 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from portable_brn.config import RenormConfig
-from portable_brn.renorm import backward, clip_limits, forward_infer, forward_train, momentum_at
+from portable_brn.renorm import backward, clip_limits, forward_train, momentum_at
+from portable_brn.schedules import ScheduleLike
 from portable_brn.state import RenormState
 
-__all__ = ["batch_norm_step", "infer_step", "train_step"]
+__all__ = ["batch_renorm"]
 
 ReplicaMean = Callable[[torch.Tensor], torch.Tensor] | None
 
-_NATIVE_DTYPES = (torch.float32, torch.float64)
-
-
-def uses_native(x: torch.Tensor, reference: torch.Tensor | None, config: RenormConfig | None,
-                replica_mean: ReplicaMean = None) -> bool:
-    """Whether the native kernels compute this call: a float32/float64 ``x`` on CPU or
-    CUDA of the layer's dtype (``reference``), and (for training, ``config`` given) no
-    option without a fast path."""
-    if (x.dtype not in _NATIVE_DTYPES or not (x.is_cpu or x.is_cuda)
-            or (reference is not None and reference.dtype != x.dtype)):
-        return False
-    if config is None:
-        return True
-    return replica_mean is None and config.micro_batch is None and config.output_clip is None
+_WIDE_DTYPES = (torch.float32, torch.float64)
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 # ---------------------------------------------------------------------------
-# The native fast path
+# Shapes and views
 # ---------------------------------------------------------------------------
 
 
@@ -64,112 +59,345 @@ def _channels_innermost(x: torch.Tensor) -> bool:
     return x.stride(1) == 1
 
 
-def _feature_view(x: torch.Tensor, array: torch.Tensor) -> torch.Tensor:
-    """A per-feature array shaped to broadcast against ``x`` along dim 1."""
-    return array if x.dim() == 2 else array.view((1, -1) + (1,) * (x.dim() - 2))
+def _grouped(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """``x`` viewed as ``(groups, micro_batch, C, ...)`` (a view in any memory format),
+    or ``x`` itself for one group."""
+    return x if groups == 1 else x.view(groups, x.shape[0] // groups, *x.shape[1:])
 
 
-def _rows_dx(grad: torch.Tensor, x: torch.Tensor, k: torch.Tensor, mean: torch.Tensor,
-             inv_std: torch.Tensor, sum_g_xhat: torch.Tensor,
-             sum_g: torch.Tensor) -> torch.Tensor:
-    """``dx = k * (g - mean(g) - x_hat * mean(g * x_hat))`` for ``(N, C)`` inputs as
-    ``g * k + x * x_scale + shift`` (SPEC section 4 in the core's form): two passes that
-    beat the native kernel's dx pass on N * C one-pixel images."""
-    minus_count = -x.shape[0]
-    x_scale = torch.mul(k, inv_std).mul_(sum_g_xhat).div_(minus_count)
-    shift = torch.mul(k, sum_g).div_(minus_count).addcmul_(mean, x_scale, value=-1)
-    return torch.addcmul(shift, x, x_scale).addcmul_(grad, k)
+def _broadcast(array: torch.Tensor, view: torch.Tensor, groups: int) -> torch.Tensor:
+    """A ``(groups, C)`` or ``(C,)`` array shaped to broadcast against ``view``."""
+    channels = array.shape[-1]
+    if groups == 1:
+        return array.reshape((1, channels) + (1,) * (view.dim() - 2))
+    return array.reshape((groups, 1, channels) + (1,) * (view.dim() - 3))
 
 
-class _NativeRenorm(torch.autograd.Function):
-    """``y = x_hat * (w * r) + (w * d + b)`` by native batch-norm kernels, given the batch
-    mean, biased variance and inverse std; r and d arrive computed and receive no
-    gradient.  ``weight`` and ``bias`` are both given or both None (``affine``)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor | None,
-                bias: torch.Tensor | None, mean: torch.Tensor, var: torch.Tensor,
-                inv_std: torch.Tensor, r: torch.Tensor, d: torch.Tensor,
-                eps: float) -> torch.Tensor:
-        ctx.eps = eps
-        scale, shift = (r, d) if weight is None else (weight * r, torch.addcmul(bias, weight, d))
-        if not _channels_innermost(x):
-            ctx.save_for_backward(x, scale, mean, inv_std, r, d)
-            return F.batch_norm(x, mean, var, scale, shift, False, 0.0, eps)
-        # one addcmul over x: y = x * k + (shift - mean * k) with k = scale / sigma_B; batch
-        # norm's inference kernel is 2x slower on (N, C) and 1.4x slower on channels-last
-        k = scale * inv_std  # saved in its place for (N, C) rows, whose backward uses it
-        ctx.save_for_backward(x, k if x.dim() == 2 else scale, mean, inv_std, r, d)
-        shift = shift.addcmul(mean, k, value=-1)
-        return torch.addcmul(_feature_view(x, shift), x, _feature_view(x, k))
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
-        x, factor, mean, inv_std, r, d = ctx.saved_tensors
-        need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
-        if x.dim() == 2 and _channels_innermost(x):  # factor is k = scale / sigma_B
-            _, sum_g_xhat, sum_g = torch.ops.aten.native_batch_norm_backward(
-                grad, x, None, None, None, mean, inv_std, True, ctx.eps, [False, True, True])
-            dx = _rows_dx(grad, x, factor, mean, inv_std, sum_g_xhat, sum_g) if need_x else None
-        else:  # factor is scale = w * r
-            dx, sum_g_xhat, sum_g = torch.ops.aten.native_batch_norm_backward(
-                grad, x, factor, None, None, mean, inv_std, True, ctx.eps,
-                [need_x, need_weight, need_weight or need_bias])
-        # dweight = sum(g * z) with z = x_hat * r + d
-        dweight = torch.addcmul(sum_g_xhat.mul_(r), d, sum_g) if need_weight else None
-        return dx, dweight, sum_g if need_bias else None, None, None, None, None, None, None
+def _slices(x: torch.Tensor, groups: int) -> list[torch.Tensor]:
+    """The micro-batches of ``x`` along dim 0, views in x's memory format."""
+    return [x] if groups == 1 else list(x.chunk(groups))
 
 
-def _saved_not_recomputed(r: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """r and d as values the compiled backward must save rather than recompute.
+def _batch_norm_layout(x: torch.Tensor) -> bool:
+    """Whether batch norm's own kernels beat ``addcmul`` for one group of ``x``: features
+    not innermost, or a 16-bit input (whose ``addcmul`` would run in float32)."""
+    return not _channels_innermost(x) or x.dtype in _HALF_DTYPES
+
+
+def _groups(x: torch.Tensor, micro_batch: int | None) -> int:
+    """How many micro-batches ``x`` holds, after checking that they split it evenly and
+    leave more than one value per feature (the core's checks, without its cached
+    layout objects, which ``torch.compile`` does not trace)."""
+    batch = x.shape[0]
+    if micro_batch is not None and batch % micro_batch:
+        raise ValueError(f"micro_batch={micro_batch} does not divide the batch size "
+                         f"{batch} of x with shape {tuple(x.shape)}")
+    groups = 1 if micro_batch is None else batch // micro_batch
+    if x.numel() // (x.shape[1] * groups) < 2:
+        raise ValueError(f"Expected more than 1 value per feature when training, got x of "
+                         f"shape {tuple(x.shape)}"
+                         + (f" and micro_batch={micro_batch}" if micro_batch else ""))
+    return groups
+
+
+def _reduce_dims(x: torch.Tensor) -> list[int]:
+    """Every dimension of ``x`` but the feature dimension 1."""
+    return [0, *range(2, x.dim())]
+
+
+def _shift_of(x: torch.Tensor, shifted: bool) -> torch.Tensor | None:
+    """The first sample's features (a ``(C,)`` view) when ``x`` is to be shifted."""
+    if not shifted:
+        return None
+    return x.detach()[(0, slice(None)) + (0,) * (x.dim() - 2)]
+
+
+# ---------------------------------------------------------------------------
+# The native path
+# ---------------------------------------------------------------------------
+
+
+def _per_group_stats(x: torch.Tensor, groups: int, stat_dtype: torch.dtype,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-micro-batch mean and biased variance, ``(groups, C)`` in ``stat_dtype``.
+
+    16-bit inputs pass float32 scratch buffers with momentum 0, which selects batch
+    norm's mixed-dtype kernel: float32 accumulation and float32 results.  Under
+    ``torch.compile`` (whose tracer lacks a fake kernel for ``batch_norm_update_stats``
+    once a process has compiled another graph with it) one ``var_mean`` the compiler
+    fuses with any cast."""
+    scratch = None
+    if torch.compiler.is_compiling():
+        var, mean = torch.var_mean(_grouped(x, groups).to(stat_dtype),
+                                   _reduce_dims(x) if groups == 1 else
+                                   [1, *range(3, x.dim() + 1)], correction=0)
+        return mean.reshape(groups, -1), var.reshape(groups, -1)
+    if groups > 1 and not _channels_innermost(x) and x.dtype == stat_dtype:
+        # batch norm's NCHW statistics kernel is several times slower on small slices,
+        # var_mean ten times slower than sums; x is shifted: E[x^2] - E[x]^2 cancels little
+        count = x.numel() // (x.shape[1] * groups)
+        rows = _rows(x, groups)
+        mean = rows.sum((1, 3)).div_(count)
+        var = _row_dots(rows, rows).sum(1).div_(count).addcmul_(mean, mean, value=-1)
+        return mean, var.clamp_(min=0)
+    if groups > 1 and not _channels_innermost(x):
+        var, mean = torch.var_mean(_grouped(x, groups).to(stat_dtype),
+                                   [1, *range(3, x.dim() + 1)], correction=0)
+        return mean.reshape(groups, -1), var.reshape(groups, -1)
+    if x.dtype != stat_dtype:
+        scratch = torch.empty((2, x.shape[1]), dtype=stat_dtype, device=x.device)
+    means, variances = [], []
+    for part in _slices(x, groups):
+        running = (None, None) if scratch is None else (scratch[0], scratch[1])
+        mean, var = torch.batch_norm_update_stats(part, *running, 0.0)
+        means.append(mean)
+        variances.append(var)
+    if groups == 1:  # views, no kernel
+        return means[0].unsqueeze(0), variances[0].unsqueeze(0)
+    return torch.stack(means), torch.stack(variances)
+
+
+def _dx_by_addcmul(grad: torch.Tensor, x: torch.Tensor, k: torch.Tensor, mean: torch.Tensor,
+                   inv_std: torch.Tensor, sum_g_xhat: torch.Tensor, sum_g: torch.Tensor,
+                   count: int, groups: int) -> torch.Tensor:
+    """``dx = k * (g - mean(g) - x_hat * mean(g * x_hat))`` (SPEC section 4, per group) as
+    ``g * k + x * x_scale + shift``: two passes over the ``(groups, ...)`` view, which
+    beat batch norm's dx pass on ``(N, C)`` rows and serve every micro-batched layout."""
+    x_scale = torch.mul(k, inv_std).mul_(sum_g_xhat).div_(-count)
+    shift = torch.mul(k, sum_g).div_(-count).addcmul_(mean, x_scale, value=-1)
+    gv, xv = _grouped(grad, groups), _grouped(x, groups)
+    dx = torch.addcmul(_broadcast(shift, xv, groups), xv, _broadcast(x_scale, xv, groups))
+    return dx.addcmul_(gv, _broadcast(k, gv, groups)).view(x.shape)
+
+
+def _saved_not_recomputed(*arrays: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per-feature values the compiled backward must save rather than recompute.
 
     Under ``torch.compile`` the AOT partitioner may recompute cheap per-feature ops in the
     backward from the moving statistics, which by then this step has updated in place:
     silently wrong dweight (pytorch/pytorch PR #197039).  ``stack`` is not on its list of
-    recomputable ops, so routing r and d through one pins the values of this step.
+    recomputable ops, so routing the values through one pins those of this step.
     """
     if torch.compiler.is_compiling():
-        r, d = torch.stack((r, d)).unbind()
-    return r, d
+        return tuple(torch.stack(arrays).unbind())
+    return arrays
 
 
-def _batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-feature mean and biased variance over every dim but 1: batch norm's statistics
-    kernel eagerly; ``var_mean`` under ``torch.compile``, where the kernel has no fake
-    implementation for symbolic shapes (a recompile for a new batch size would fail)."""
-    if torch.compiler.is_compiling():
-        var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=0)
-        return mean, var
-    return torch.batch_norm_update_stats(x, None, None, 0.0)
+class _NativeRenorm(torch.autograd.Function):
+    """One training step on batch norm's kernels: returns ``y`` and the pooled batch mean
+    and std the moving statistics move toward (no gradient).
+
+    ``running_mean``/``running_std`` None means r = 1 and d = 0 (no state); ``limits``
+    are ``clip_limits``' ``(r_min, r_max, d_max)``; ``groups`` micro-batches of equal
+    size; ``clip`` is ``output_clip`` or None; ``shifted`` subtracts the first sample's
+    features from x before anything else (float32 accuracy at large offsets)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor | None,
+                bias: torch.Tensor | None, running_mean: torch.Tensor | None,
+                running_std: torch.Tensor | None, limits: tuple, eps: float, groups: int,
+                clip: tuple[float, float] | None, shifted: bool) -> tuple:
+        stat_dtype = torch.float32 if x.dtype in _HALF_DTYPES else x.dtype
+        origin = _shift_of(x, shifted)
+        xs = x if origin is None else x - _broadcast(origin, x, 1)
+        mean, var = _per_group_stats(xs, groups, stat_dtype)
+        std = torch.add(var, eps).sqrt_()
+        inv_std = std.reciprocal()
+        true_mean = mean if origin is None else mean + origin
+        if running_std is None:
+            r, d = torch.ones_like(std), torch.zeros_like(std)
+        else:
+            r_min, r_max, d_max = limits
+            r = torch.div(std, running_std).clamp_(r_min, r_max)
+            # mu_B - mean as (shifted mu_B) + (origin - mean): exact while mu_B is rounded
+            offset = running_mean if origin is None else running_mean - origin
+            d = torch.sub(mean, offset).div_(running_std).clamp_(-d_max, d_max)
+        r, d = _saved_not_recomputed(r, d)
+        if clip is None:
+            scale, shift = (r, d) if weight is None else (weight * r,
+                                                          torch.addcmul(bias, weight, d))
+            y = _transform(xs, scale, shift, mean, var, inv_std, eps, groups)
+            clipped_z = inside = None
+        else:
+            z = _transform(xs, r, d, mean, var, inv_std, eps, groups, out_dtype=stat_dtype)
+            clipped_z = z.clamp(*clip)
+            inside = clipped_z == z  # low <= z <= high (NaN: False), in one pass
+            y = _affine(clipped_z, weight, bias, x.dtype)
+            scale = r if weight is None else weight * r
+        ctx.eps, ctx.groups = eps, groups
+        ctx.save_for_backward(xs, weight, scale, mean, inv_std, r, d, clipped_z, inside)
+        pooled_mean, pooled_std = ((true_mean[0], std[0]) if groups == 1
+                                   else (true_mean.mean(0), std.mean(0)))
+        ctx.mark_non_differentiable(pooled_mean, pooled_std)
+        return y, pooled_mean, pooled_std
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor, *unused: Any) -> tuple:
+        xs, weight, scale, mean, inv_std, r, d, clipped_z, inside = ctx.saved_tensors
+        need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
+        dweight = dbias = None
+        if clipped_z is not None:
+            dims = _reduce_dims(grad)
+            if need_weight:
+                dweight = torch.sum(grad * clipped_z, dims)
+            if need_bias:
+                dbias = torch.sum(grad, dims, dtype=clipped_z.dtype)
+            grad = torch.where(inside, grad, 0)
+            need_sums = need_x
+        else:
+            need_sums = need_x or need_weight or need_bias
+        dx, sum_g_xhat, sum_g = _batch_norm_backward(
+            grad, xs, scale, mean, inv_std, ctx.eps, ctx.groups, need_x, need_sums)
+        if clipped_z is None:
+            # dweight = sum(g * z) with z = x_hat * r + d, summed over micro-batches
+            if need_weight:
+                dweight = torch.addcmul(sum_g_xhat * r, d, sum_g).sum(0)
+            if need_bias:
+                dbias = sum_g.sum(0)
+        if weight is not None:
+            dweight = None if dweight is None else dweight.to(weight.dtype)
+            dbias = None if dbias is None else dbias.to(weight.dtype)
+        return dx, dweight, dbias, None, None, None, None, None, None, None
 
 
-def _native_train(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                  state: RenormState, config: RenormConfig,
-                  finite_out: torch.Tensor | None) -> torch.Tensor:
-    """The fast training step: updates ``state``'s tensors in place after the output."""
-    mean, var = _batch_moments(x.detach())
-    std = torch.add(var, config.eps).sqrt_()
-    r_min, r_max, d_max = clip_limits(config, state.step, std.dtype)
-    r = torch.div(std, state.std).clamp_(r_min, r_max)
-    d = torch.sub(mean, state.mean).div_(state.std).clamp_(-d_max, d_max)
-    r, d = _saved_not_recomputed(r, d)
-    y = _NativeRenorm.apply(x, weight, bias, mean, var, std.reciprocal(), r, d, config.eps)
-    # A non-finite batch mean makes every centred square, so the variance, non-finite too:
-    # std alone tells whether both statistics are finite (one kernel; isfinite is eight).
+def _affine(z: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+            dtype: torch.dtype) -> torch.Tensor:
+    """``weight * z + bias`` (per feature) rounded once to ``dtype``."""
+    if weight is None:
+        return z.to(dtype)
+    return _addcmul_as(dtype, _broadcast(bias, z, 1), z, _broadcast(weight, z, 1))
+
+
+def _addcmul_as(dtype: torch.dtype, shift: torch.Tensor, x: torch.Tensor,
+                scale: torch.Tensor) -> torch.Tensor:
+    """``shift + x * scale`` computed in the promoted dtype and rounded once to ``dtype``:
+    straight into an output of that dtype in eager mode; under ``torch.compile``, whose
+    tracer takes no ``out=`` of channels-last strides, as a cast the compiler fuses."""
+    if torch.compiler.is_compiling() or dtype == torch.promote_types(x.dtype, scale.dtype):
+        y = torch.addcmul(shift, x, scale)
+        return y if y.dtype == dtype else y.to(dtype)
+    return torch.addcmul(shift, x, scale, out=torch.empty_like(x, dtype=dtype))
+
+
+def _transform(xs: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+               mean: torch.Tensor, var: torch.Tensor, inv_std: torch.Tensor, eps: float,
+               groups: int, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``(x - mean) * inv_std * scale + shift`` per (group, feature), rounded once to
+    ``out_dtype`` (default x's).  One group of features that are not innermost uses
+    batch norm's inference kernel; everything else one ``addcmul`` over the view."""
+    out_dtype = out_dtype or xs.dtype
+    if groups == 1 and _batch_norm_layout(xs) and out_dtype == xs.dtype:
+        return F.batch_norm(xs, mean[0], var[0], scale.reshape(-1), shift.reshape(-1),
+                            False, 0.0, eps)
+    k = scale * inv_std
+    offset = shift.addcmul(mean, k, value=-1)
+    view = _grouped(xs, groups)
+    y = _addcmul_as(out_dtype, _broadcast(offset, view, groups), view,
+                    _broadcast(k, view, groups))
+    return y.view(xs.shape)
+
+
+def _batch_norm_backward(grad: torch.Tensor, xs: torch.Tensor, scale: torch.Tensor,
+                         mean: torch.Tensor, inv_std: torch.Tensor, eps: float, groups: int,
+                         need_x: bool, need_sums: bool) -> tuple:
+    """Batch norm's backward with weight ``scale`` per (group, feature): ``dx`` (None
+    unless ``need_x``) and the ``(groups, C)`` sums of ``g * x_hat`` and ``g``."""
+    if groups == 1 and _batch_norm_layout(xs):
+        dx, sum_g_xhat, sum_g = torch.ops.aten.native_batch_norm_backward(
+            grad, xs, scale[0], None, None, mean[0], inv_std[0], True, eps,
+            [need_x, need_sums, need_sums])
+        return dx, sum_g_xhat[None] if need_sums else None, sum_g[None] if need_sums else None
+    if groups > 1 and not _channels_innermost(xs) and xs.dtype == mean.dtype:
+        sum_g_xhat, sum_g = _grouped_sums(grad, xs, mean, inv_std, groups)
+    else:
+        sum_g_xhat, sum_g = _per_slice_sums(grad, xs, mean, inv_std, eps, groups)
+    dx = None
+    if need_x:
+        count = xs.numel() // (xs.shape[1] * groups)
+        dx = _dx_by_addcmul(grad, xs, scale * inv_std, mean, inv_std, sum_g_xhat, sum_g,
+                            count, groups).to(grad.dtype)
+    return dx, sum_g_xhat, sum_g
+
+
+def _grouped_sums(grad: torch.Tensor, xs: torch.Tensor, mean: torch.Tensor,
+                  inv_std: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(groups, C)`` sums of ``g * x_hat`` and ``g`` for float32/float64 features
+    that are not innermost: dot products along the contiguous spatial run, no temporary
+    (batch norm's NCHW backward kernel is several times slower on small slices; 16-bit
+    dot products would round each row's sum, so those keep that kernel)."""
+    gv, xv = _rows(grad, groups), _rows(xs, groups)
+    sum_g = gv.sum((1, 3))
+    sum_gx = _row_dots(gv, xv).sum(1)
+    return sum_gx.addcmul_(mean, sum_g, value=-1).mul_(inv_std), sum_g
+
+
+def _rows(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """``x`` (features not innermost) as ``(groups, micro_batch, C, spatial)``."""
+    return x.reshape(groups, x.shape[0] // groups, x.shape[1], -1)
+
+
+def _row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Dot products of matching rows along the last dimension, ``(G, M, C)`` (a multiply
+    and a contiguous sum: several times faster than ``bmm`` or ``var_mean`` here)."""
+    return torch.linalg.vecdot(a, b, dim=-1)
+
+
+def _per_slice_sums(grad: torch.Tensor, xs: torch.Tensor, mean: torch.Tensor,
+                    inv_std: torch.Tensor, eps: float, groups: int,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(groups, C)`` sums of ``g * x_hat`` and ``g``, by batch norm's backward per
+    micro-batch."""
+    sums = [torch.ops.aten.native_batch_norm_backward(
+        g, x, None, None, None, m, s, True, eps, [False, True, True])[1:]
+        for g, x, m, s in zip(_slices(grad, groups), _slices(xs, groups), mean, inv_std,
+                              strict=True)]
+    if groups == 1:
+        return tuple(column.unsqueeze(0) for column in sums[0])
+    return tuple(torch.stack(column) for column in zip(*sums, strict=True))
+
+
+def _moved_state(state: RenormState, mean: torch.Tensor, std: torch.Tensor,
+                 momentum: float, finite_out: torch.Tensor | None) -> None:
+    """Move ``state`` toward the batch's in place; features whose statistics are not
+    finite keep theirs.  A non-finite batch mean makes every centred square, so the
+    variance, non-finite too: std alone tells whether both are finite (one kernel)."""
     finite = std < math.inf
-    torch._foreach_lerp_([state.mean, state.std],
-                         [torch.where(finite, mean, state.mean),
-                          torch.where(finite, std, state.std, out=std)],
-                         momentum_at(config, state.step, std.dtype))
+    torch._foreach_lerp_(
+        [state.mean, state.std],
+        [torch.where(finite, mean.to(state.mean.dtype), state.mean),
+         torch.where(finite, std.to(state.std.dtype), state.std)], momentum)
     state.step.add_(1)
     if finite_out is not None:
         finite_out.copy_(finite)
+
+
+def _native_train(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                  state: RenormState | None, config: RenormConfig,
+                  finite_out: torch.Tensor | None = None) -> torch.Tensor:
+    """The native training step; updates ``state``'s tensors in place after the output
+    (None: no state, r = 1 and d = 0)."""
+    groups = _groups(x, config.micro_batch)
+    # float32 wherever the transform is an addcmul; float64 where the grouped statistics
+    # are plain sums (E[x^2] - E[x]^2)
+    shifted = (x.dtype == torch.float32 and (
+        groups > 1 or config.output_clip is not None or _channels_innermost(x))) or (
+        x.dtype == torch.float64 and groups > 1 and not _channels_innermost(x))
+    if state is None:
+        limits, mean, std = None, None, None
+    else:
+        limits = clip_limits(config, state.step, state.std.dtype)
+        mean, std = state.mean, state.std
+    y, batch_mean, batch_std = _NativeRenorm.apply(
+        x, weight, bias, mean, std, limits, config.eps, groups, config.output_clip, shifted)
+    if state is not None:
+        rate = momentum_at(config, state.step, batch_std.dtype)
+        _moved_state(state, batch_mean, batch_std, rate, finite_out)
     return y
 
 
 # ---------------------------------------------------------------------------
-# The core's generic path
+# The core's generic path (statistics synchronised across processes)
 # ---------------------------------------------------------------------------
 
 
@@ -204,9 +432,14 @@ class _CoreRenorm(torch.autograd.Function):
 
 
 def _core_train(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                state: RenormState, config: RenormConfig, replica_mean: ReplicaMean,
-                finite_out: torch.Tensor | None) -> torch.Tensor:
-    """The generic training step: commits the core's new state to ``state`` in place."""
+                state: RenormState | None, config: RenormConfig, replica_mean: ReplicaMean,
+                finite_out: torch.Tensor | None = None) -> torch.Tensor:
+    """The generic training step: commits the core's new state to ``state`` in place
+    (None: no state, plain batch norm with the config's micro-batches and clip)."""
+    if state is None:
+        config = dataclasses.replace(config, r_max=1.0, d_max=0.0, r_min=None,
+                                     warmup_steps=0)
+        return _CoreRenorm.apply(x, weight, bias, _fresh_state(x), config, replica_mean)[0]
     y, mean, std, step, finite = _CoreRenorm.apply(x, weight, bias, state, config, replica_mean)
     with torch.no_grad():
         for buffer, value in zip(state, (mean, std, step), strict=True):
@@ -216,52 +449,157 @@ def _core_train(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor
     return y
 
 
-# ---------------------------------------------------------------------------
-# The three entry points of a layer
-# ---------------------------------------------------------------------------
-
-
-def train_step(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-               state: RenormState, config: RenormConfig, *, replica_mean: ReplicaMean = None,
-               finite_out: torch.Tensor | None = None) -> torch.Tensor:
-    """One training step of batch renormalization; ``state`` holds the layer's buffers
-    (moving mean, moving std, step) and is updated in place, whole or not at all.
-    ``finite_out`` receives the per-feature flags of which statistics moved."""
-    if uses_native(x, state.mean, config, replica_mean):
-        return _native_train(x, weight, bias, state, config, finite_out)
-    return _core_train(x, weight, bias, state, config, replica_mean, finite_out)
-
-
-def _fresh_state(x: torch.Tensor, num_features: int) -> RenormState:
+def _fresh_state(x: torch.Tensor) -> RenormState:
     """Mean 0, std 1, step 0 (any state does once r = 1 and d = 0 are forced)."""
-    dtype = torch.float32 if x.dtype not in _NATIVE_DTYPES else x.dtype
-    return RenormState(torch.zeros(num_features, dtype=dtype, device=x.device),
-                       torch.ones(num_features, dtype=dtype, device=x.device),
+    dtype = torch.float32 if x.dtype in _HALF_DTYPES else x.dtype
+    channels = x.shape[1]
+    return RenormState(torch.zeros(channels, dtype=dtype, device=x.device),
+                       torch.ones(channels, dtype=dtype, device=x.device),
                        torch.zeros((), dtype=torch.int64, device=x.device))
 
 
-def batch_norm_step(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                    config: RenormConfig, *, replica_mean: ReplicaMean = None) -> torch.Tensor:
-    """Normalize with the batch's own statistics and no state: batch renormalization with
-    r = 1 and d = 0, which is plain batch norm (``track_running_stats=False``)."""
-    if uses_native(x, weight, config, replica_mean):
-        return F.batch_norm(x, None, None, weight, bias, True, 0.0, config.eps)
-    plain = dataclasses.replace(config, r_max=1.0, d_max=0.0, r_min=None, warmup_steps=0)
-    state = _fresh_state(x, x.shape[1])
-    return _CoreRenorm.apply(x, weight, bias, state, plain, replica_mean)[0]
+# ---------------------------------------------------------------------------
+# Inference and the entry point the layers share
+# ---------------------------------------------------------------------------
 
 
-def infer_step(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-               mean: torch.Tensor, std: torch.Tensor, config: RenormConfig) -> torch.Tensor:
-    """Inference, ``weight * (x - mean) / std + bias``.  Natively this is one ``addcmul``
-    when features are innermost and otherwise batch norm's inference kernel with variance
-    ``std * std`` and eps 0: in binary floating point ``sqrt(std * std) == std`` exactly
-    for a positive std whose square neither overflows nor underflows."""
-    if not uses_native(x, mean, None):
-        return forward_infer(x, RenormState(mean, std, None), weight, bias, config)
-    if _channels_innermost(x):
+def _kernels_take(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
+    """Whether batch norm's CPU/CUDA kernels take these dtypes: parameters and state of
+    x's dtype, or float32 for a 16-bit x (the mixed-dtype kernels)."""
+    if x.dtype not in _WIDE_DTYPES + _HALF_DTYPES or not (x.is_cpu or x.is_cuda):
+        return False
+    expected = torch.float32 if x.dtype in _HALF_DTYPES else x.dtype
+    return all(p is None or p.dtype == expected for p in params)
+
+
+def _infer(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+           mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """``weight * (x - mean) / std + bias`` in one pass, rounded once to x's dtype: one
+    ``addcmul`` when features are innermost, else batch norm's inference kernel with
+    variance ``std * std`` and eps 0 (in binary floating point ``sqrt(std * std) == std``
+    exactly for a positive std whose square neither overflows nor underflows)."""
+    if _channels_innermost(x) or not _kernels_take(x, weight, mean):
         scale = std.reciprocal() if weight is None else weight / std
         shift = torch.mul(mean, scale).neg_() if bias is None else torch.addcmul(
             bias, mean, scale, value=-1)
-        return torch.addcmul(_feature_view(x, shift), x, _feature_view(x, scale))
+        y = torch.addcmul(_broadcast(shift, x, 1), x, _broadcast(scale, x, 1))
+        return y if y.dtype == x.dtype else y.to(x.dtype)
     return F.batch_norm(x, mean, std * std, weight, bias, False, 0.0, 0.0)
+
+
+def _batch_renorm(x: torch.Tensor, state: RenormState | None, weight: torch.Tensor | None,
+           bias: torch.Tensor | None, training: bool, config: RenormConfig, *,
+           replica_mean: ReplicaMean = None,
+           finite_out: torch.Tensor | None = None) -> torch.Tensor:
+    """``batch_renorm`` on checked arguments and a validated config (the layers' call).
+
+    ``state`` None normalizes with the batch's statistics (r = 1, d = 0); in training
+    ``state`` is updated in place, whole or not at all, and ``finite_out`` receives the
+    per-feature flags of which statistics moved."""
+    if state is not None and not training:
+        return _infer(x, weight, bias, state.mean, state.std)
+    params = (weight, bias) if state is None else (weight, bias, state.mean, state.std)
+    if replica_mean is not None or not _kernels_take(x, *params):
+        return _core_train(x, weight, bias, state, config, replica_mean, finite_out)
+    if state is None and config.micro_batch is None and config.output_clip is None:
+        return F.batch_norm(x, None, None, weight, bias, True, 0.0, config.eps)
+    return _native_train(x, weight, bias, state, config, finite_out)
+
+
+# ---------------------------------------------------------------------------
+# The public function
+# ---------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=64)
+def _cached_config(**options: Any) -> RenormConfig:
+    return RenormConfig(feature_axis=1, **options)
+
+
+def _config(**options: Any) -> RenormConfig:
+    """A validated config, built once per distinct set of hashable options."""
+    if options["output_clip"] is not None:
+        options["output_clip"] = tuple(options["output_clip"])
+    try:
+        return _cached_config(**options)
+    except TypeError as error:  # an unhashable schedule: validate it uncached
+        if "unhashable" not in str(error):
+            raise
+        return RenormConfig(feature_axis=1, **options)
+
+
+def _check_arguments(input: Any, running_mean: Any, running_std: Any,
+                     num_batches_tracked: Any, weight: Any, bias: Any, training: bool,
+                     config: RenormConfig) -> None:
+    """Every argument of ``batch_renorm`` that could fail, checked before any state moves."""
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    if not input.is_floating_point():
+        raise TypeError(f"input must have a real floating point dtype, got {input.dtype}")
+    if input.dim() < 2:
+        raise ValueError(f"input must have at least 2 dimensions (N, C, ...), got shape "
+                         f"{tuple(input.shape)}")
+    stateless = running_mean is None
+    if stateless != (running_std is None) or (
+            not stateless and training and num_batches_tracked is None):
+        raise ValueError("running_mean, running_std and (in training) num_batches_tracked "
+                         "must be given together, or running_mean and running_std both None")
+    if stateless and not training:
+        raise ValueError("running_mean and running_std are needed when training=False")
+    if (weight is None) != (bias is None):
+        raise ValueError("weight and bias must be given together (affine) or both be None")
+    channels = input.shape[1]
+    for name, array in (("running_mean", running_mean), ("running_std", running_std),
+                        ("weight", weight), ("bias", bias)):
+        if array is None:
+            continue
+        if not isinstance(array, torch.Tensor) or not array.is_floating_point():
+            raise TypeError(f"{name} must be a floating point torch.Tensor, got {array!r}")
+        if tuple(array.shape) != (channels,):
+            raise ValueError(f"{name} must have shape ({channels},) to match input's "
+                             f"{channels} features along dim 1, got {tuple(array.shape)}")
+        if array.device != input.device:
+            raise ValueError(f"{name} is on {array.device} but input is on {input.device}")
+    if num_batches_tracked is not None and (
+            not isinstance(num_batches_tracked, torch.Tensor) or num_batches_tracked.dim()
+            or num_batches_tracked.dtype != torch.int64):
+        raise TypeError(f"num_batches_tracked must be a 0-d int64 tensor, got "
+                        f"{num_batches_tracked!r}")
+
+
+def batch_renorm(input: torch.Tensor, running_mean: torch.Tensor | None,
+                 running_std: torch.Tensor | None,
+                 num_batches_tracked: torch.Tensor | None = None,
+                 weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                 training: bool = False, momentum: float = 0.01, eps: float = 1e-3, *,
+                 r_max: ScheduleLike = 3.0, d_max: ScheduleLike = 5.0,
+                 r_min: ScheduleLike | None = None, warmup_steps: int = 0,
+                 micro_batch: int | None = None,
+                 output_clip: tuple[float, float] | None = None) -> torch.Tensor:
+    """Batch Renormalization (Ioffe, 2017) of ``input`` ``(N, C, ...)`` over dim 1, in the
+    manner of ``torch.nn.functional.batch_norm``.
+
+    Training (``training=True``) normalizes with the batch's statistics corrected by
+    ``r = clip(sigma_B / running_std, r_min, r_max)`` and
+    ``d = clip((mu_B - running_mean) / running_std, -d_max, d_max)`` (r, d and the
+    running statistics receive no gradient), then updates ``running_mean``,
+    ``running_std`` and ``num_batches_tracked`` in place, as ``F.batch_norm`` updates its
+    running buffers: the statistics move toward the batch's by ``momentum`` (features
+    whose batch statistics are not finite keep theirs) and the step ``t`` that schedules
+    and ``warmup_steps`` read goes up by one.  ``running_mean=running_std=None`` uses the
+    batch's statistics alone (r = 1, d = 0: batch norm).  Inference computes
+    ``weight * (input - running_mean) / running_std + bias``.
+
+    ``running_std`` is ``sqrt(running_var + eps)`` in batch norm's terms.  16-bit inputs
+    take float32 buffers and parameters; statistics are then float32 and the output is in
+    the input's dtype.  ``r_max``, ``d_max``, ``r_min``, ``warmup_steps``,
+    ``micro_batch`` and ``output_clip`` are as in ``portable_brn.RenormConfig``.
+    """
+    config = _config(eps=eps, momentum=momentum, r_max=r_max, d_max=d_max, r_min=r_min,
+                     warmup_steps=warmup_steps, micro_batch=micro_batch,
+                     output_clip=output_clip)
+    _check_arguments(input, running_mean, running_std, num_batches_tracked, weight, bias,
+                     training, config)
+    state = None if running_mean is None else RenormState(running_mean, running_std,
+                                                          num_batches_tracked)
+    return _batch_renorm(input, state, weight, bias, training, config)

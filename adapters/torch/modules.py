@@ -20,7 +20,7 @@ from portable_brn.conventions import torch_options
 from portable_brn.schedules import ScheduleLike, cumulative_average
 from portable_brn.state import RenormState
 
-from .functional import batch_norm_step, infer_step, train_step
+from .functional import _batch_renorm
 from .sync import sync_step
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "SyncBatchRenorm"]
@@ -117,13 +117,14 @@ class _BatchRenorm(nn.Module):
     as in ``RenormConfig``.  ``momentum=None`` is batch norm's cumulative moving average
     (weight ``1 / num_batches_tracked`` for the new value).
 
-    Float32 and float64 inputs of the layer's dtype on CPU or CUDA train on PyTorch's
-    native batch-norm kernels with r and d folded into the affine weights; ``micro_batch``,
-    ``output_clip``, 16-bit inputs (statistics and state in float32, output in the input
-    dtype, e.g. under ``torch.autocast``) and inputs of another dtype than the layer's
-    take the core's generic path instead (``SyncBatchRenorm``: see there).  Both have SPEC
-    section 4's gradients; neither supports double backward.  ``torch.compile`` traces the
-    native path whole (``fullgraph=True``); the generic path compiles with graph breaks.
+    Every configuration trains on PyTorch's native batch-norm kernels with r and d folded
+    into the affine weights (``portable_brn.adapters.torch.functional.batch_renorm``):
+    float32/float64 inputs of the layer's dtype and 16-bit inputs of a float32 layer
+    (statistics and state in float32, output in the input dtype, e.g. under
+    ``torch.autocast``), with or without ``micro_batch`` and ``output_clip``.  Inputs of
+    another dtype and synchronised statistics take the core's generic path.  Both have
+    SPEC section 4's gradients; neither supports double backward.  ``torch.compile``
+    traces the native path whole (``fullgraph=True``).
 
     After each training step the non-persistent buffer ``last_finite`` says, per feature,
     whether the batch statistics were finite; where they were not, the running
@@ -328,14 +329,11 @@ class _BatchRenorm(nn.Module):
     @torch.jit.unused
     def _forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input(input)
-        if not self.track_running_stats:
-            return batch_norm_step(input, self.weight, self.bias, self.config)
-        if not self.training:
-            return infer_step(input, self.weight, self.bias, self.running_mean,
-                              self.running_std, self.config)
-        state = RenormState(self.running_mean, self.running_std, self.num_batches_tracked)
-        return train_step(input, self.weight, self.bias, state, self.config,
-                          finite_out=self.last_finite)
+        state = None
+        if self.track_running_stats:
+            state = RenormState(self.running_mean, self.running_std, self.num_batches_tracked)
+        return _batch_renorm(input, state, self.weight, self.bias, self._uses_batch_stats(),
+                             self.config, finite_out=self.last_finite)
 
     def extra_repr(self) -> str:
         c = self.config

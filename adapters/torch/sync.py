@@ -32,7 +32,7 @@ from portable_brn.layout import make_layout
 from portable_brn.renorm import clip_limits, momentum_at
 from portable_brn.state import RenormState
 
-from .functional import ReplicaMean, batch_norm_step, train_step, uses_native
+from .functional import ReplicaMean, _batch_renorm
 
 __all__ = ["sync_step"]
 
@@ -207,10 +207,18 @@ def sync_step(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor |
     buffers, updated in place) None means batch norm with the global batch's statistics
     (``track_running_stats=False``)."""
     reference = weight if state is None else state.mean
-    if uses_native(x, reference, config):
+    if _takes_native(x, reference, config):
         return _native_sync_step(x, weight, bias, state, config, group, finite_out)
     replica_mean = _checked_replica_mean(x, config, group)
-    if state is None:
-        return batch_norm_step(x, weight, bias, config, replica_mean=replica_mean)
-    return train_step(x, weight, bias, state, config, replica_mean=replica_mean,
-                      finite_out=finite_out)
+    return _batch_renorm(x, state, weight, bias, True, config, replica_mean=replica_mean,
+                         finite_out=finite_out)
+
+
+def _takes_native(x: torch.Tensor, reference: torch.Tensor | None,
+                  config: RenormConfig) -> bool:
+    """Whether the native synchronised step computes this call: a float32/float64 ``x``
+    on CPU or CUDA of the layer's dtype (``reference``), without ``micro_batch`` or
+    ``output_clip``."""
+    return (x.dtype in (torch.float32, torch.float64) and (x.is_cpu or x.is_cuda)
+            and (reference is None or reference.dtype == x.dtype)
+            and config.micro_batch is None and config.output_clip is None)
