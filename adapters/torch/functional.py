@@ -5,15 +5,18 @@ Every configuration trains on PyTorch's own batch-norm kernels (``_NativeRenorm`
 ``autograd.Function`` whose backward is SPEC section 4: r, d and the moving statistics
 are constants, gradients flow through the batch mean and std):
 
-- one statistics pass per micro-batch (``torch.batch_norm_update_stats`` on a slice of
-  the batch, a view), statistics in float32 for float16/bfloat16 inputs;
+- one statistics pass: ``torch.batch_norm_update_stats`` per micro-batch (a slice of
+  the batch along dim 0, a view), or contiguous sums over a ``(groups, micro_batch, C,
+  spatial)`` view for micro-batched NCHW, or ``var_mean`` under ``torch.compile``;
+  statistics in float32 for float16/bfloat16 inputs;
 - r and d folded into the affine weights, so the output is one transform
   ``y = x_hat * (weight * r) + (weight * d + bias)``: batch norm's inference kernel, or
   one ``addcmul`` over a ``(groups, micro_batch, C, ...)`` view whose per-(group,
   feature) factors broadcast, rounded once to the input dtype; ``output_clip`` clamps
   ``z = x_hat * r + d`` and keeps the clip's mask for the backward;
-- the backward's per-feature sums from ``native_batch_norm_backward`` per micro-batch,
-  then dx by batch norm's own kernel or two ``addcmul`` passes.
+- the backward's per-feature sums from ``native_batch_norm_backward`` (or the same
+  sums and dot products for micro-batched NCHW), then dx by batch norm's own kernel or
+  two ``addcmul`` passes.
 
 Where features are the innermost dimension (``(N, C)`` rows, channels-last) or the
 transform is an ``addcmul``, float32 inputs are first shifted by their first sample's
