@@ -410,8 +410,6 @@ class TorchModulesBackend(AdapterBackend):
         ndim = case.ops[0].xs[0].ndim
         if isinstance(axis, tuple) or axis % ndim != 1 or not 2 <= ndim <= 5:
             return "torch modules take features on axis 1 of a rank 2 to 5 input"
-        if case.has_masks:
-            return "the torch modules take no mask yet"
         return super().supports(case)
 
     def session(self, case: Case, dtype: str) -> Session:

@@ -57,13 +57,22 @@ def _global_batches():
             for step in range(STEPS)]
 
 
-def _train(layer, rows):
-    """Train on ``rows`` of each global batch; what each step produced."""
+def _global_masks():
+    """Per step, which elements of the global batch count (about 60%, per row and
+    pixel), the same in every process."""
+    generator = torch.Generator().manual_seed(5)
+    return [torch.rand((SHAPE[0], 1, *SHAPE[2:]), generator=generator) < 0.6
+            for _ in range(STEPS)]
+
+
+def _train(layer, rows, masks=None):
+    """Train on ``rows`` of each global batch (counting ``masks`` when given); what each
+    step produced."""
     results = []
-    for x, grad in _global_batches():
+    for step, (x, grad) in enumerate(_global_batches()):
         x = x[rows].clone().requires_grad_(True)
         layer.zero_grad()
-        y = layer(x)
+        y = layer(x) if masks is None else layer(x, mask=masks[step][rows])
         y.backward(grad[rows])
         results.append({"y": y.detach(), "dx": x.grad, "dweight": layer.weight.grad.clone(),
                         "dbias": layer.bias.grad.clone(), "mean": layer.running_mean.clone(),
@@ -111,6 +120,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             results[config, split] = _train(layer, rows)
             recalibrate(layer, [x[rows] for x, _ in _global_batches()])
             results[config, split, "recalibrated"] = (layer.running_mean, layer.running_std)
+            if config == "plain":
+                layer = random_affine(SyncBatchRenorm(3, **options))
+                results["masked", split] = _train(layer, rows, _global_masks())
         results["one-empty"] = _recalibrate_with_empty_ranks((0,), rank)
         results["all-empty"] = _recalibrate_with_empty_ranks((0, 1), rank)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
@@ -136,7 +148,7 @@ def ranks(tmp_path_factory):
     return _spawn(tmp_path_factory.mktemp("sync"))
 
 
-def _reference_steps(options):
+def _reference_steps(options, masks=None):
     """The float64 reference's steps on the whole global batch, state carried over."""
     layer = random_affine(BatchRenorm2d(3, **options))
     mean, std = numpy(layer.running_mean), numpy(layer.running_std)
@@ -144,6 +156,7 @@ def _reference_steps(options):
     for step, (x, grad) in enumerate(_global_batches()):
         expected = reference.train_step(x.numpy(), mean, std, step, numpy(layer.weight),
                                         numpy(layer.bias), grad.numpy(),
+                                        mask=None if masks is None else masks[step].numpy(),
                                         **reference_options(layer))
         steps.append(expected)
         mean, std = expected["mean"], expected["std"]
@@ -166,6 +179,21 @@ def test_sync_equals_the_reference_on_the_concatenated_batch(ranks, config, spli
             assert is_close(per_rank[0][name], expected[name], 1e-12)
             assert torch.equal(per_rank[0][name], per_rank[1][name])
         assert int(per_rank[0]["step"]) == int(per_rank[1]["step"]) == step + 1
+
+
+@pytest.mark.parametrize("split", list(SPLITS))
+def test_masked_sync_counts_the_masked_elements_of_the_global_batch(ranks, split):
+    """With a mask the statistics are those of the counted elements of every rank's
+    batch together, whatever each rank's share of them."""
+    for step, expected in enumerate(_reference_steps(OPTIONS, _global_masks())):
+        per_rank = [r["masked", split][step] for r in ranks]
+        for name in ("y", "dx"):
+            assert is_close(torch.cat([r[name] for r in per_rank]), expected[name], 1e-12)
+        for name in ("dweight", "dbias"):
+            assert is_close(sum(r[name] for r in per_rank), expected[name], 1e-12)
+        for name in ("mean", "std"):
+            assert is_close(per_rank[0][name], expected[name], 1e-12)
+            assert torch.equal(per_rank[0][name], per_rank[1][name])
 
 
 @pytest.mark.parametrize("split", list(SPLITS))

@@ -414,9 +414,9 @@ class _CoreRenorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor | None,
                 bias: torch.Tensor | None, state: RenormState, config: RenormConfig,
-                replica_mean: ReplicaMean) -> tuple:
+                replica_mean: ReplicaMean, mask: torch.Tensor | None) -> tuple:
         y, new_state, residuals = forward_train(x, state, weight, bias, config,
-                                                replica_mean=replica_mean)
+                                                replica_mean=replica_mean, mask=mask)
         ctx.save_for_backward(x)
         ctx.residuals = residuals._replace(x=None)
         ctx.mark_non_differentiable(*new_state, residuals.finite)
@@ -427,23 +427,26 @@ class _CoreRenorm(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor | None, *unused: Any) -> tuple:
         if grad is None:
-            return (None,) * 6
+            return (None,) * 7
         (x,) = ctx.saved_tensors
         residuals = ctx.residuals._replace(x=x.reshape(ctx.residuals.layout.view_shape))
         dx, dweight, dbias = backward(residuals, grad)
-        return dx, dweight, dbias, None, None, None
+        return dx, dweight, dbias, None, None, None, None
 
 
 def _core_train(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                 state: RenormState | None, config: RenormConfig, replica_mean: ReplicaMean,
-                finite_out: torch.Tensor | None = None) -> torch.Tensor:
+                finite_out: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
     """The generic training step: commits the core's new state to ``state`` in place
     (None: no state, plain batch norm with the config's micro-batches and clip)."""
     if state is None:
         config = dataclasses.replace(config, r_max=1.0, d_max=0.0, r_min=None,
                                      warmup_steps=0)
-        return _CoreRenorm.apply(x, weight, bias, _fresh_state(x), config, replica_mean)[0]
-    y, mean, std, step, finite = _CoreRenorm.apply(x, weight, bias, state, config, replica_mean)
+        return _CoreRenorm.apply(x, weight, bias, _fresh_state(x), config, replica_mean,
+                                 mask)[0]
+    y, mean, std, step, finite = _CoreRenorm.apply(x, weight, bias, state, config,
+                                                   replica_mean, mask)
     with torch.no_grad():
         for buffer, value in zip(state, (mean, std, step), strict=True):
             buffer.copy_(value)
@@ -492,21 +495,41 @@ def _infer(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | No
 
 def _batch_renorm(x: torch.Tensor, state: RenormState | None, weight: torch.Tensor | None,
            bias: torch.Tensor | None, training: bool, config: RenormConfig, *,
-           replica_mean: ReplicaMean = None,
-           finite_out: torch.Tensor | None = None) -> torch.Tensor:
+           replica_mean: ReplicaMean = None, finite_out: torch.Tensor | None = None,
+           mask: torch.Tensor | None = None) -> torch.Tensor:
     """``batch_renorm`` on checked arguments and a validated config (the layers' call).
 
     ``state`` None normalizes with the batch's statistics (r = 1, d = 0); in training
     ``state`` is updated in place, whole or not at all, and ``finite_out`` receives the
-    per-feature flags of which statistics moved."""
+    per-feature flags of which statistics moved.  A ``mask`` takes the core's generic
+    path, which counts only its elements."""
+    if mask is not None:
+        _check_mask(mask, x)
     if state is not None and not training:
         return _infer(x, weight, bias, state.mean, state.std)
     params = (weight, bias) if state is None else (weight, bias, state.mean, state.std)
-    if replica_mean is not None or not _kernels_take(x, *params):
-        return _core_train(x, weight, bias, state, config, replica_mean, finite_out)
+    if replica_mean is not None or mask is not None or not _kernels_take(x, *params):
+        return _core_train(x, weight, bias, state, config, replica_mean, finite_out, mask)
     if state is None and config.micro_batch is None and config.output_clip is None:
         return F.batch_norm(x, None, None, weight, bias, True, 0.0, config.eps)
     return _native_train(x, weight, bias, state, config, finite_out)
+
+
+def _check_mask(mask: Any, x: torch.Tensor) -> None:
+    """``mask`` must be a boolean tensor on ``x``'s device that broadcasts to ``x``."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        kind = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise TypeError(f"mask must be a boolean torch.Tensor, got {kind}")
+    if mask.device != x.device:
+        raise ValueError(f"mask is on {mask.device} but input is on {x.device}")
+    try:
+        torch.broadcast_shapes(mask.shape, x.shape)
+    except RuntimeError as error:
+        raise ValueError(f"mask has shape {tuple(mask.shape)}, which does not broadcast to "
+                         f"input's shape {tuple(x.shape)}") from error
+    if torch.broadcast_shapes(mask.shape, x.shape) != x.shape:
+        raise ValueError(f"mask has shape {tuple(mask.shape)}, which does not broadcast to "
+                         f"input's shape {tuple(x.shape)}")
 
 
 # ---------------------------------------------------------------------------
@@ -578,7 +601,8 @@ def batch_renorm(input: torch.Tensor, running_mean: torch.Tensor | None,
                  r_max: ScheduleLike = 3.0, d_max: ScheduleLike = 5.0,
                  r_min: ScheduleLike | None = None, warmup_steps: int = 0,
                  micro_batch: int | None = None,
-                 output_clip: tuple[float, float] | None = None) -> torch.Tensor:
+                 output_clip: tuple[float, float] | None = None,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
     """Batch Renormalization (Ioffe, 2017) of ``input`` ``(N, C, ...)`` over dim 1, in the
     manner of ``torch.nn.functional.batch_norm``.
 
@@ -597,6 +621,9 @@ def batch_renorm(input: torch.Tensor, running_mean: torch.Tensor | None,
     take float32 buffers and parameters; statistics are then float32 and the output is in
     the input's dtype.  ``r_max``, ``d_max``, ``r_min``, ``warmup_steps``,
     ``micro_batch`` and ``output_clip`` are as in ``portable_brn.RenormConfig``.
+    ``mask`` (boolean, broadcastable to ``input``, True where an element counts) restricts
+    the batch statistics, r, d and the update to the counted elements, as
+    ``flax.linen.BatchNorm``'s does; every element is transformed alike.
     """
     config = _config(eps=eps, momentum=momentum, r_max=r_max, d_max=d_max, r_min=r_min,
                      warmup_steps=warmup_steps, micro_batch=micro_batch,
@@ -605,4 +632,4 @@ def batch_renorm(input: torch.Tensor, running_mean: torch.Tensor | None,
                      training, config)
     state = None if running_mean is None else RenormState(running_mean, running_std,
                                                           num_batches_tracked)
-    return _batch_renorm(input, state, weight, bias, training, config)
+    return _batch_renorm(input, state, weight, bias, training, config, mask=mask)

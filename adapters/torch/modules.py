@@ -310,10 +310,14 @@ class _BatchRenorm(nn.Module):
     def _uses_batch_stats(self) -> bool:
         return self.training or not self.track_running_stats
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalize ``input``.  ``mask`` (boolean, broadcastable to ``input``, True where
+        an element counts), as in ``flax.linen.BatchNorm``: in training only the counted
+        elements enter the batch statistics, r, d and the update; every element is
+        transformed alike (inference ignores it)."""
         if torch.jit.is_scripting():
             return self._scripted_inference(input)
-        return self._forward(input)
+        return self._forward(input, mask)
 
     def _scripted_inference(self, input: torch.Tensor) -> torch.Tensor:
         """What ``torch.jit.script`` compiles: inference with the running statistics."""
@@ -327,13 +331,13 @@ class _BatchRenorm(nn.Module):
         return F.batch_norm(input, mean, std * std, self.weight, self.bias, False, 0.0, 0.0)
 
     @torch.jit.unused
-    def _forward(self, input: torch.Tensor) -> torch.Tensor:
+    def _forward(self, input: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         self._check_input(input)
         state = None
         if self.track_running_stats:
             state = RenormState(self.running_mean, self.running_std, self.num_batches_tracked)
         return _batch_renorm(input, state, self.weight, self.bias, self._uses_batch_stats(),
-                             self.config, finite_out=self.last_finite)
+                             self.config, finite_out=self.last_finite, mask=mask)
 
     def extra_repr(self) -> str:
         c = self.config
@@ -419,12 +423,12 @@ class SyncBatchRenorm(_BatchRenorm):
             super()._check_batch_size(input)
 
     @torch.jit.unused
-    def _forward(self, input: torch.Tensor) -> torch.Tensor:
+    def _forward(self, input: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         group = self._sync_group()
         if group is False:
-            return super()._forward(input)
+            return super()._forward(input, mask)
         self._check_input(input)
         state = None if not self.track_running_stats else RenormState(
             self.running_mean, self.running_std, self.num_batches_tracked)
         return sync_step(input, self.weight, self.bias, state, self.config, group,
-                         finite_out=self.last_finite)
+                         finite_out=self.last_finite, mask=mask)

@@ -169,10 +169,14 @@ def _native_sync_step(x: torch.Tensor, weight: torch.Tensor | None,
     return y
 
 
-def _checked_replica_mean(x: torch.Tensor, config: RenormConfig, group: Any) -> ReplicaMean:
+def _checked_replica_mean(x: torch.Tensor, config: RenormConfig, group: Any,
+                          weighted: bool = True) -> ReplicaMean:
     """The core's replica average, after one all_reduce of every process's count and of
     whether the core accepts its input, so that a refused input raises the same error on
-    every process."""
+    every process.  ``weighted`` weights each process by its number of elements (the
+    core's contract for unequal batches); unweighted, it is the plain mean, which the
+    core's masked statistics need (they average sums and counts, whose ratio is then the
+    global one)."""
     error = None
     if x.shape[0] == 0:
         error = "an empty batch"
@@ -192,7 +196,8 @@ def _checked_replica_mean(x: torch.Tensor, config: RenormConfig, group: Any) -> 
                              f"process {rank}: {message}"
                              for rank, message in enumerate(messages) if message))
     _check_global_count(int(counts[0].item()))
-    share = (x.numel() // x.shape[1]) / counts[0]
+    share = ((x.numel() // x.shape[1]) / counts[0] if weighted
+             else counts.new_tensor(1.0 / dist.get_world_size(group)))
 
     def replica_mean(array: torch.Tensor) -> torch.Tensor:
         return _all_reduce_sum(array * share.to(array.dtype), group)
@@ -202,16 +207,18 @@ def _checked_replica_mean(x: torch.Tensor, config: RenormConfig, group: Any) -> 
 
 def sync_step(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
               state: RenormState | None, config: RenormConfig, group: Any, *,
-              finite_out: torch.Tensor | None = None) -> torch.Tensor:
+              finite_out: torch.Tensor | None = None,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
     """One training step whose batch statistics span ``group``; ``state`` (the layer's
     buffers, updated in place) None means batch norm with the global batch's statistics
-    (``track_running_stats=False``)."""
+    (``track_running_stats=False``); ``mask`` counts only its elements, on the core's
+    generic path."""
     reference = weight if state is None else state.mean
-    if _takes_native(x, reference, config):
+    if mask is None and _takes_native(x, reference, config):
         return _native_sync_step(x, weight, bias, state, config, group, finite_out)
-    replica_mean = _checked_replica_mean(x, config, group)
+    replica_mean = _checked_replica_mean(x, config, group, weighted=mask is None)
     return _batch_renorm(x, state, weight, bias, True, config, replica_mean=replica_mean,
-                         finite_out=finite_out)
+                         finite_out=finite_out, mask=mask)
 
 
 def _takes_native(x: torch.Tensor, reference: torch.Tensor | None,
