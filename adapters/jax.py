@@ -4,7 +4,7 @@ Every function here is safe under ``jax.jit``, ``jax.grad``, ``jax.vmap`` and
 ``jax.lax.scan``: the configuration is static, the state is a pytree of arrays, and no
 Python branch looks at a traced value (the core clips and guards with ``where``).
 
-Gradients come either from the core's backward pass (SPEC section 4) wired in with
+Gradients come either from the core's backward pass (specification section 4) wired in with
 ``jax.custom_vjp`` (the default) or from differentiating the forward with
 ``jax.lax.stop_gradient`` around r, d and the state update; the two agree.
 
@@ -139,7 +139,7 @@ _JAX_COMPATIBLE = (jax.Array, np.ndarray, np.generic, bool, int, float, complex)
 def as_jax_array(value: Any, name: str) -> jax.Array:
     """``value`` as a JAX array: JAX arrays, NumPy arrays, Python scalars and objects that
     convert themselves (``__jax_array__``, e.g. ``nnx`` variables) are taken, as
-    everywhere in JAX; another library's array is a ``TypeError`` naming ``name`` (SPEC
+    everywhere in JAX; another library's array is a ``TypeError`` naming ``name`` (specification
     section 7: arrays of different libraries are not mixed in one call)."""
     if not (isinstance(value, _JAX_COMPATIBLE) or hasattr(value, "__jax_array__")):
         kind = type(value)

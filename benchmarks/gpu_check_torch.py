@@ -1,4 +1,4 @@
-"""The PyTorch layers on a CUDA device against the float64 reference (SPEC section 6).
+"""The PyTorch layers on a CUDA device against the float64 reference (specification section 6).
 
 Every configuration the native path serves (float32, bfloat16 and float16 inputs;
 NCHW, channels-last and ``(N, C)``; ``micro_batch``; ``output_clip``; no running

@@ -22,7 +22,7 @@ DTYPE_NAMES = ("float64", "float32", "float16", "bfloat16")
 def dtype_pair(xp: Any, name: str) -> tuple[Any, Any]:
     """``(input dtype, state and parameter dtype)`` for the input dtype called ``name``.
 
-    16-bit inputs keep their state and parameters in float32 (SPEC section 5).
+    16-bit inputs keep their state and parameters in float32 (specification section 5).
     """
     dtype = getattr(xp, name)
     return dtype, (dtype if name in ("float64", "float32") else xp.float32)

@@ -119,8 +119,9 @@ class Backend(ABC):
 
 @contextlib.contextmanager
 def quiet_nonfinite(case: Case) -> Iterator[None]:
-    """Silence floating-point warnings for cases fed NaN or Inf on purpose (SPEC 7: the
-    output is whatever the arithmetic gives); other cases run with warnings as set."""
+    """Silence floating-point warnings for cases fed NaN or Inf on purpose (specification
+    section 7: the output is whatever the arithmetic gives); other cases run with warnings
+    as set."""
     if not case.has_nonfinite:
         yield
         return

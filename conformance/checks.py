@@ -1,6 +1,6 @@
 """Comparing a backend's outputs with the expected values and with another backend's.
 
-The measure is SPEC section 6's relative error ``||out - ref|| / ||ref||`` per output
+The measure is specification section 6's relative error ``||out - ref|| / ||ref||`` per output
 array, with the bound set by the input dtype.  Outputs are grouped into four checks:
 ``forward`` (training ``y``, recurrent ``y``), ``inference`` (inference ``y``),
 ``gradients`` (``dx``, ``dweight``, ``dbias``) and ``state`` (``mean``, ``std``,
@@ -9,7 +9,7 @@ array, with the bound set by the input dtype.  Outputs are grouped into four che
 A wrong output never passes: an output of another shape, or NaN or Inf where the
 expected value is finite (or finite where it is not), has error Inf, never NaN, so any
 aggregate (Python's ``max`` included, for which ``max(0.0, nan)`` is 0.0) fails too.  Where the
-expected value itself is not finite (a NaN batch, SPEC section 7: "whatever the
+expected value itself is not finite (a NaN batch, specification section 7: "whatever the
 arithmetic gives") only the positions of the non-finite entries must agree.
 """
 

@@ -188,7 +188,7 @@ def finite_difference(xp: Any, x: np.ndarray, dy: np.ndarray, weight: np.ndarray
     """Float64 central differences of ``L = sum(dy * y)`` along random directions of
     ``x``, ``weight`` and ``bias`` against the core's ``backward``.
 
-    r and d are constants of the gradient (SPEC section 4), so the moving statistics are
+    r and d are constants of the gradient (specification section 4), so the moving statistics are
     set for both clips to bind with a wide margin (r = r_max, d = -d_max): the forward
     is then locally the function the backward differentiates.  An ``output_clip`` must
     keep its bounds well away from every ``z = x_hat * r_max - d_max`` (many ``step``

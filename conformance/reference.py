@@ -1,8 +1,8 @@
 """Independent float64 reference for Batch Renormalization (Ioffe, NIPS 2017).
 
 This module is the ground truth that every backend of ``portable_brn`` is compared
-to (SPEC.md section 6). It is written straight from SPEC.md sections 2 to 4 in plain
-NumPy float64, deliberately naive: every input is cast to float64 on entry, the batch
+to (specification section 6). It is written straight from specification sections 2 to 4
+in plain NumPy float64, deliberately naive: every input is cast to float64 on entry, the batch
 is laid out as one 1-D vector of reduced elements per (feature, group), and each
 vector is normalized by a Python loop that reads like the paper's Algorithm 1.
 
@@ -14,7 +14,7 @@ thing it is checked against. Speed is not a goal; clarity is.
 Public functions: :func:`train_step`, :func:`infer`, :func:`recalibrate`,
 :func:`recurrent_steps` and :func:`evaluate_schedule`.
 
-Conventions decided here (SPEC.md leaves them open):
+Conventions decided here (the specification leaves them open):
 
 - ``feature_axis`` given as a tuple is normalized to sorted non-negative axes; the
   statistics have the sizes of the feature axes in increasing axis order.
@@ -179,7 +179,7 @@ def train_step(
     output_clip: tuple[float | None, float | None] | None = None,
     mask: ArrayLike | None = None,
 ) -> dict[str, Any]:
-    """One Batch Renormalization training step (SPEC.md sections 2, 4 and 5), float64.
+    """One Batch Renormalization training step (specification sections 2, 4 and 5), float64.
 
     ``mask`` (boolean, broadcastable to ``x``) selects the elements the batch statistics
     are computed over; every element is transformed and gets a gradient.
@@ -276,7 +276,7 @@ def train_step(
                 mu_b[g, f], sigma_b[g, f] = mu, sigma
                 r_all[g, f], d_all[g, f] = r, d
 
-                # Backward, SPEC.md section 4 (r and d are constants).
+                # Backward, specification section 4 (r and d are constants).
                 if gv is not None:
                     grad = gv[f, g]
                     if dbias is not None:
@@ -333,7 +333,7 @@ def _broadcastable(a: np.ndarray, ndim: int, shape, feature_axes: tuple[int, ...
 
 def infer(x: ArrayLike, mean: ArrayLike, std: ArrayLike, weight: ArrayLike | None = None,
           bias: ArrayLike | None = None, *, feature_axis: FeatureAxis = 1) -> np.ndarray:
-    """Inference (SPEC.md section 3): ``y = weight * (x - mean) / std + bias``, float64."""
+    """Inference (specification section 3): ``y = weight * (x - mean) / std + bias``."""
     x = np.asarray(x, dtype=np.float64)
     feature_axes = _feature_axes(feature_axis, x.ndim)
 

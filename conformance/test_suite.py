@@ -1,7 +1,7 @@
 """The conformance checks as tests: ``pytest --pyargs portable_brn.conformance``.
 
 ``test_case`` runs one case on one backend at one input dtype and holds forward,
-inference, gradients and state to the reference within SPEC section 6;
+inference, gradients and state to the reference within specification section 6;
 ``test_pairwise`` holds every pair of backends to each other at float64;
 ``test_properties`` runs the property checks on every namespace backend;
 ``test_backend_available`` skips, with the reason, each backend that cannot run here

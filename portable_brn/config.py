@@ -68,7 +68,7 @@ def _check_feature_axis(feature_axis: object) -> None:
 
 @dataclass(frozen=True)
 class RenormConfig:
-    """Everything that shapes the computation (SPEC sections 2 and 5), checked once here.
+    """Everything that shapes the computation (specification sections 2 and 5), checked once here.
 
     ``momentum`` is the paper's update rate alpha, the weight of the new batch statistic: a
     number or a schedule (``schedules.cumulative_average()`` is torch's ``momentum=None``).

@@ -46,7 +46,7 @@ def accumulator_dtype(xp: Any, dtype: Any) -> Any:
     """float64 for sums of float32 data where the namespace has it, else ``dtype``.
 
     Long float32 reductions (NumPy adds outer axes one by one) drift by more than the
-    SPEC's 1e-5 at channels-last sizes; a wide accumulator costs little on a CPU.
+    the specification's 1e-5 at channels-last sizes; a wide accumulator costs little on a CPU.
     """
     if dtype == xp.float32 and "float64" in xp.__array_namespace_info__().dtypes():
         return xp.float64

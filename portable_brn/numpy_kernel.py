@@ -4,7 +4,7 @@ NumPy ufuncs run on one core and make one pass per binary operation, so the gene
 kernel costs about 20 copies of the input per training step.  This kernel views the
 input as ``(groups, rows, features, cols)``: sums and sums of products go through
 BLAS-backed ``matmul``/``vecdot`` with no full-size temporaries, short float32 partial
-sums accumulated in float64 (so long reductions stay within the SPEC's tolerances), and
+sums accumulated in float64 (so long reductions stay within the specification's tolerances), and
 the elementwise passes run on cache-sized blocks.  Blocks are split between threads
 (ufuncs and BLAS release the GIL) when the array is large enough to pay for it.
 

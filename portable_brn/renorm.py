@@ -2,7 +2,7 @@
 
 Pure functions: state comes in and new state goes out, nothing is mutated, and no
 Python branch depends on an array value, so they trace under ``jax.jit`` and
-``torch.compile``.  SPEC.md sections 2-5 is the contract; the folded form
+``torch.compile``.  Specification sections 2-5 are the contract; the folded form
 ``y = x * scale + shift`` keeps full-size temporaries to a minimum.
 """
 
@@ -288,7 +288,7 @@ def forward_train(x: Any, state: RenormState, weight: Any, bias: Any, config: Re
         clip_mask = (z >= low) & (z <= high)
         # z itself where it is within the bounds, ends included: differentiating the
         # forward (JAX's autodiff path) then passes the whole gradient at z == bound,
-        # where clip's min/max would pass half of it (SPEC section 4: zero only beyond).
+        # where clip's min/max would pass half of it (specification section 4: zero only beyond).
         clipped_z = xp.where(clip_mask, z, xp.clip(z, low, high))
         y = clipped_z if w is None else clipped_z * w
         y = y if b is None else y + b
@@ -327,7 +327,7 @@ def forward_infer(x: Any, state: RenormState, weight: Any, bias: Any,
 
 
 def backward(residuals: Residuals, dy: Any) -> tuple[Any, Any, Any]:
-    """Gradients ``(dx, dweight, dbias)`` of SPEC section 4 from ``forward_train``'s
+    """Gradients ``(dx, dweight, dbias)`` of specification section 4 from ``forward_train``'s
     residuals; ``dweight`` (``dbias``) is None when the forward had no weight (bias)."""
     res, layout = residuals, residuals.layout
     xp = namespace_of(dy=dy, x=res.x)

@@ -3,7 +3,7 @@
 The backends are the conformance registry's own (``portable_brn.conformance.registry``),
 so a test written once runs on NumPy, on a read-only NumPy (any in-place write into an
 input raises), and on array-api-strict on its default device and on ``device1``, the
-same code the conformance suite runs.  The tolerances are the suite's (SPEC section 6).
+same code the conformance suite runs.  The tolerances are the suite's (specification section 6).
 
 Under ``CI`` (``.ci/run`` sets it) hypothesis replays a fixed set of examples, and a
 missing torch, JAX, Flax, Numba or array-api-strict fails the run where a local run
@@ -104,6 +104,6 @@ def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
         yield backend
 
 
-# SPEC section 6's bounds by input dtype, as NumPy types: the conformance suite's table.
+# specification section 6's bounds by input dtype, as NumPy types: the conformance suite's table.
 TOLERANCE = {np.dtype(name).type: bound for name, bound in checks.TOLERANCE.items()
              if name != "bfloat16"}

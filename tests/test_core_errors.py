@@ -1,4 +1,4 @@
-"""Bad input (SPEC section 7): the exact error type, a message naming the argument, and
+"""Bad input (specification section 7): the exact error type, a message naming the argument, and
 no state change, for the core's functions and for the array layer, on every backend."""
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ FLOAT32_MAX_OFFSET = 20.0
 
 
 def _bound(dtype, check: str) -> float:
-    """The bound of ``check`` at ``dtype``: rounding level at float64, SPEC section 6's
+    """The bound of ``check`` at ``dtype``: rounding level at float64, specification section 6's
     below it (float32 keeps about 7 digits, for moderately offset features; 16-bit
     inputs are computed in float32 and rounded on output)."""
     return properties.TOLERANCE[check] if dtype == np.float64 else TOLERANCE[dtype]
@@ -137,7 +137,7 @@ def test_backward_matches_finite_differences(problem) -> None:
 
 def _step_against_reference(p: dict, dtype) -> dict[str, float]:
     """One NumPy training step and backward on ``p`` with ``x`` and ``dy`` in ``dtype``
-    (state and parameters in float32 below 32 bits, SPEC section 5): the relative error of
+    (state and parameters in float32 below 32 bits, specification section 5): the relative error of
     each output against the float64 reference, and whether every output is finite."""
     x, dy = p["x"].astype(dtype), p["dy"].astype(dtype)
     param_dtype = np.float32 if np.finfo(dtype).bits < 32 else dtype

@@ -2,7 +2,7 @@
 
 Each scenario trains for 60 steps on drifting data (so r and d clips bind), with
 inference calls interleaved, and compares y, dx, dweight, dbias, the state and the
-inference output at every step, within SPEC section 6.
+inference output at every step, within specification section 6.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ SPECIFICATION = ROOT / "docs" / "specification.md"
 SCANNED = ("portable_brn", "adapters", "conformance", "tests", "benchmarks", "docs")
 # The names a citation may use ("spec" stands for "SPEC", "SPEC.md" and "spec").  Once
 # every citation says "specification", this becomes {"specification"}.
-ACCEPTED_NAMES = {"specification", "spec"}
+ACCEPTED_NAMES = {"specification"}
 # The subject of each section the code cites, by number (words its title must contain).
 SUBJECTS = {1: "notation", 2: "training", 3: "inference", 4: "gradient", 5: "option",
             6: "numeric", 7: "bad input"}

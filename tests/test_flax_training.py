@@ -2,7 +2,7 @@
 
 The models put the renorm layer first, so its state depends on the data alone and can
 be followed step by step with the float64 reference while the optimizer trains the
-rest; the final state must match it (SPEC section 6, float32) and the loss must fall.
+rest; the final state must match it (specification section 6, float32) and the loss must fall.
 """
 
 from __future__ import annotations

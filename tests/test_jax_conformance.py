@@ -2,7 +2,7 @@
 
 Each case trains for 50 steps on drifting data, so the r and d clips bind, and compares
 y, dx, dweight, dbias and the state at every step with ``conformance/reference.py``,
-within SPEC section 6 (relative error 1e-12 in float64, 1e-5 in float32).  float64
+within specification section 6 (relative error 1e-12 in float64, 1e-5 in float32).  float64
 runs inside ``jax.enable_x64``, which ends with the test.
 """
 

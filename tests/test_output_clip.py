@@ -1,7 +1,7 @@
 """``output_clip`` on every backend and adapter: z exactly at a bound, beyond one, and
 finite differences with the clip binding.
 
-The rule (SPEC section 4, ``reference.train_step``): the gradient is zeroed where the
+The rule (specification section 4, ``reference.train_step``): the gradient is zeroed where the
 clip binds strictly, ``z < low`` or ``z > high``; a z exactly at a bound is not clipped
 and passes its gradient.  The cases below make z land exactly on both bounds in every
 implementation: the batch deviations are a fixed pattern whose ``var + eps`` is 4, so

@@ -313,14 +313,14 @@ def test_double_backward_is_refused():
 
 
 def test_plain_batch_norm_when_r_and_d_cannot_move():
-    """r_max = 1 and d_max = 0: the training output is batch norm's (SPEC section 2)."""
+    """r_max = 1 and d_max = 0: the training output is batch norm's (specification section 2)."""
     layer = random_affine(BatchRenorm2d(3, r_max=1.0, d_max=0.0, dtype=torch.float64))
     x = batch(2, (4, 3, 2, 2), torch.float64)
     expected = F.batch_norm(x, None, None, layer.weight, layer.bias, True, 0.0, 1e-3)
     assert is_close(layer(x), expected, 1e-13)
 
 
-# -- gradients: r, d and the running statistics are constants (SPEC section 4) ----------
+# -- gradients: r, d and the running statistics are constants (specification section 4) ----------
 
 # running (mean, std) per feature against batch(0)'s mean (-0.94, 1.77, 1.76) and std
 # (2.85, 1.34, 1.32) with r_max = 1.5, d_max = 0.5; "some": feature 1 clips r only,
@@ -333,7 +333,7 @@ GRADIENT_CASES = {
 
 
 def _section_4_gradients(x, grad, layer, mean, std):
-    """dx, dweight, dbias of SPEC section 4 in float64 with plain torch (r and d
+    """dx, dweight, dbias of specification section 4 in float64 with plain torch (r and d
     constants), and the dx a layer would have if gradient flowed through r and d."""
     axes, view = [0, 2, 3], (1, 3, 1, 1)
     weight = layer.weight.detach().view(view)
@@ -356,7 +356,7 @@ def _section_4_gradients(x, grad, layer, mean, std):
 @pytest.mark.parametrize("options", [{}, {"output_clip": (-1e3, 1e3)}], ids=["native", "core"])
 @pytest.mark.parametrize("case", list(GRADIENT_CASES))
 def test_no_gradient_flows_through_r_d_or_the_running_statistics(case, options):
-    """dx is SPEC section 4's, which holds r and d constant: where a clip does not bind,
+    """dx is specification section 4's, which holds r and d constant: where a clip does not bind,
     a layer that differentiated through r and d would give another dx."""
     layer = random_affine(BatchRenorm2d(3, dtype=torch.float64, r_max=1.5, d_max=0.5,
                                         **options))

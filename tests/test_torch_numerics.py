@@ -1,5 +1,5 @@
-"""Numerics of the PyTorch layers against the float64 reference (SPEC section 6), and of
-the native fast path against the core's generic path (SPEC section 4)."""
+"""Numerics of the PyTorch layers against the float64 reference (specification section 6), and of
+the native fast path against the core's generic path (specification section 4)."""
 
 from __future__ import annotations
 
@@ -160,7 +160,7 @@ def _cancellation(x, grad, weight, bias, result) -> float:
 
 
 def _assert_dx_orthogonal(dx, x, weighted_grad):
-    """SPEC section 4: dx is orthogonal to the constant vector and to x, per feature,
+    """specification section 4: dx is orthogonal to the constant vector and to x, per feature,
     up to rounding of terms as large as r_max * |weight * g| * (1 + |x|) / sigma_B and
     to eps / sigma_B**2 (the layer's eps is 1e-9: with eps, mean(x_hat**2) < 1)."""
     axes = tuple(a for a in range(x.dim()) if a != 1)
@@ -223,7 +223,7 @@ def core_path_forbidden(monkeypatch):
 def test_every_configuration_runs_natively_and_matches_the_reference(
         layer_class, shape, options, channels_last, dtype):
     """16-bit inputs train a float32 layer: float32 statistics and state, output and
-    gradients in the input dtype, all within SPEC section 6 of the float64 reference."""
+    gradients in the input dtype, all within specification section 6 of the float64 reference."""
     layer = random_affine(layer_class(shape[1], r_max=1.3, d_max=0.4, momentum=0.3,
                                       **options))
     check_training(layer, shape, dtype, 10, channels_last=channels_last)
@@ -259,8 +259,8 @@ def test_no_running_stats_runs_natively_and_matches_the_reference(options, dtype
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
 def test_autocast_input_runs_natively_and_matches_the_reference(dtype):
     """Under ``torch.autocast`` a convolution hands the layer a 16-bit tensor; the layer
-    keeps float32 state and returns the input's dtype, within SPEC's 16-bit bound of the
-    reference on that same input."""
+    keeps float32 state and returns the input's dtype, within the specification's 16-bit
+    bound of the reference on that same input."""
     from portable_brn.conformance import reference
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 4, 3)
@@ -322,8 +322,8 @@ def _core(x, weight, bias, state, config, finite):
 
 @pytest.mark.parametrize("layout", list(OFFSET_LAYOUTS))
 def test_float32_at_offset_100_is_within_spec(layout):
-    """x = 100 + N(0, 1): y, dx, the gradients and the new state within SPEC's 1e-5 of a
-    float64 computation of the same step on the same float32 inputs."""
+    """x = 100 + N(0, 1): y, dx, the gradients and the new state within the specification's
+    1e-5 of a float64 computation of the same step on the same float32 inputs."""
     errors = _offset_step(_native, layout, 100.0)
     assert all(error <= 1e-5 for error in errors.values()), errors
 
@@ -332,7 +332,7 @@ def test_float32_at_offset_100_is_within_spec(layout):
                          ids=["micro-batch", "output-clip"])
 @pytest.mark.parametrize("layout", list(OFFSET_LAYOUTS))
 def test_float32_options_at_offset_100_are_within_spec(layout, options):
-    """Micro-batches and output clipping keep SPEC's 1e-5 at x = 100 + N(0, 1) too."""
+    """Micro-batches and output clipping keep the specification's 1e-5 at x = 100 + N(0, 1) too."""
     errors = _offset_step(_native, layout, 100.0, **options)
     assert all(error <= 1e-5 for error in errors.values()), errors
 
@@ -342,7 +342,7 @@ def test_float32_at_offset_1e4_is_no_worse_than_twice_the_generic_path(layout):
     """x = 1e4 + N(0, 1): float32 itself limits the batch mean; the native path's error is
     at most twice the core's generic path's.  Errors that owe nothing to the offset
     (float32 sums such as dbias, where the core accumulates in float64) may reach a
-    tenth of SPEC's bound."""
+    tenth of the specification's bound."""
     native = _offset_step(_native, layout, 1e4)
     core = _offset_step(_core, layout, 1e4)
     for name, error in native.items():

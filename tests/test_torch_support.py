@@ -71,7 +71,7 @@ def _clipped(expected: dict[str, Any], mean: np.ndarray, std: np.ndarray) -> np.
 def check_training(layer: Any, shape: tuple[int, ...], dtype: Any, steps: int, *,
                    channels_last: bool = False, column_major: bool = False) -> float:
     """Train ``layer`` for ``steps`` steps next to the reference, each starting from the
-    reference's own state; assert y, dx, dweight, dbias and the new state within SPEC
+    reference's own state; assert y, dx, dweight, dbias and the new state within specification
     section 6's bound each step; return the fraction of (step, feature) pairs where
     r or d was clipped."""
     bound, clipped = BOUND[dtype], []

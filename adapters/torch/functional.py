@@ -2,7 +2,7 @@
 ``torch.nn.functional.batch_norm``, and the computation behind the PyTorch layers.
 
 Every configuration trains on PyTorch's own batch-norm kernels (``_NativeRenorm``, an
-``autograd.Function`` whose backward is SPEC section 4: r, d and the moving statistics
+``autograd.Function`` whose backward is specification section 4: r, d and the moving statistics
 are constants, gradients flow through the batch mean and std):
 
 - one statistics pass: ``torch.batch_norm_update_stats`` per micro-batch (a slice of
@@ -21,10 +21,10 @@ are constants, gradients flow through the batch mean and std):
 Where features are the innermost dimension (``(N, C)`` rows, channels-last) or the
 transform is an ``addcmul``, float32 inputs are first shifted by their first sample's
 features: the statistics, the transform and the backward then work on values of the
-order of the batch's spread rather than of its mean, which keeps SPEC's 1e-5 at inputs
+order of the batch's spread rather than of its mean, which keeps the specification's 1e-5 at inputs
 like ``100 + N(0, 1)`` (one more pass over x).  Statistics synchronised across
 processes (``replica_mean``) use the core's generic path, ``_CoreRenorm``.  The tests
-hold the native path to the core and to a float64 reference within SPEC section 6.
+hold the native path to the core and to a float64 reference within specification section 6.
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ def _per_group_stats(x: torch.Tensor, groups: int, stat_dtype: torch.dtype,
 def _dx_by_addcmul(grad: torch.Tensor, x: torch.Tensor, k: torch.Tensor, mean: torch.Tensor,
                    inv_std: torch.Tensor, sum_g_xhat: torch.Tensor, sum_g: torch.Tensor,
                    count: int, groups: int) -> torch.Tensor:
-    """``dx = k * (g - mean(g) - x_hat * mean(g * x_hat))`` (SPEC section 4, per group) as
+    """``dx = k * (g - mean(g) - x_hat * mean(g * x_hat))`` (specification section 4, per group) as
     ``g * k + x * x_scale + shift``: two passes over the ``(groups, ...)`` view, which
     beat batch norm's dx pass on ``(N, C)`` rows and serve every micro-batched layout."""
     x_scale = torch.mul(k, inv_std).mul_(sum_g_xhat).div_(-count)

@@ -123,7 +123,7 @@ class _BatchRenorm(nn.Module):
     (statistics and state in float32, output in the input dtype, e.g. under
     ``torch.autocast``), with or without ``micro_batch`` and ``output_clip``.  Inputs of
     another dtype and synchronised statistics take the core's generic path.  Both have
-    SPEC section 4's gradients; neither supports double backward.  ``torch.compile``
+    specification section 4's gradients; neither supports double backward.  ``torch.compile``
     traces the native path whole (``fullgraph=True``).
 
     After each training step the non-persistent buffer ``last_finite`` says, per feature,

@@ -1,4 +1,4 @@
-"""Exact recalibration of the running statistics over a data set (spec section 3; patent
+"""Exact recalibration of the running statistics over a data set (specification section 3; patent
 claims 14, 15 and 18), one layer after another in forward order, across processes for
 ``SyncBatchRenorm``."""
 
@@ -155,7 +155,7 @@ def _restore(layers: list[_BatchRenorm], saved: list[tuple[torch.Tensor, torch.T
 
 def recalibrate(model: nn.Module, batches: Iterable[Any], *, device: Any = None) -> nn.Module:
     """Set every renorm layer's running mean and std to the exact population statistics
-    of its input over ``batches`` (SPEC section 3; patent claims 14, 15 and 18) under the
+    of its input over ``batches`` (specification section 3; patent claims 14, 15 and 18) under the
     final network in inference mode, like ``torch.optim.swa_utils.update_bn``; returns the
     model, its train/eval modes and ``num_batches_tracked`` as they were.
 

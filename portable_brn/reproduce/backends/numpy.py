@@ -2,7 +2,7 @@
 
 The dense layers, ReLU and softmax cross-entropy are written out with their gradients;
 the normalization layers are ``portable_brn.adapters.array.BatchRenorm``, whose
-``backward`` is the core's (SPEC section 4).  SGD with momentum updates the parameters
+``backward`` is the core's (specification section 4).  SGD with momentum updates the parameters
 in place.  Everything is float32, as in the other backends.
 """
 
