@@ -42,7 +42,7 @@ from torch.autograd.function import once_differentiable
 from portable_brn.config import RenormConfig
 from portable_brn.renorm import backward, clip_limits, forward_train, momentum_at
 from portable_brn.schedules import ScheduleLike
-from portable_brn.state import RenormState
+from portable_brn.state import RenormState, init_state
 
 __all__ = ["batch_renorm"]
 
@@ -443,7 +443,8 @@ def _core_train(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor
     if state is None:
         config = dataclasses.replace(config, r_max=1.0, d_max=0.0, r_min=None,
                                      warmup_steps=0)
-        return _CoreRenorm.apply(x, weight, bias, _fresh_state(x), config, replica_mean,
+        fresh = init_state(x.shape[1], xp=torch, dtype=x.dtype, device=x.device)
+        return _CoreRenorm.apply(x, weight, bias, fresh, config, replica_mean,
                                  mask)[0]
     y, mean, std, step, finite = _CoreRenorm.apply(x, weight, bias, state, config,
                                                    replica_mean, mask)
@@ -453,15 +454,6 @@ def _core_train(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor
         if finite_out is not None:
             finite_out.copy_(finite)
     return y
-
-
-def _fresh_state(x: torch.Tensor) -> RenormState:
-    """Mean 0, std 1, step 0 (any state does once r = 1 and d = 0 are forced)."""
-    dtype = torch.float32 if x.dtype in _HALF_DTYPES else x.dtype
-    channels = x.shape[1]
-    return RenormState(torch.zeros(channels, dtype=dtype, device=x.device),
-                       torch.ones(channels, dtype=dtype, device=x.device),
-                       torch.zeros((), dtype=torch.int64, device=x.device))
 
 
 # ---------------------------------------------------------------------------
