@@ -37,7 +37,7 @@ spec = NetworkSpec(weights, np.zeros(data.num_classes, dtype=np.float32),
                    METHODS[1].options(steps, micro.micro_batch), 0.05, 0.9)
 network = load_backend("numpy")(spec)
 for batch in micro.batches(data.y_train, steps, np.random.default_rng(1)):
-    network.train_step(data.x_train[batch], data.y_train[batch])
+    network.sgd_step(data.x_train[batch], data.y_train[batch])
 digest = hashlib.sha256()
 for norm in network.norms:
     for array in (norm.weight, norm.bias, norm.state.mean, norm.state.std):
