@@ -163,6 +163,19 @@ def _reference_steps(options, masks=None):
     return steps
 
 
+def _assert_global_step(per_rank, expected, bound):
+    """Every rank's part of one step against ``expected`` on the concatenated batch:
+    outputs and input gradients concatenated, parameter gradients summed (they stay
+    local; DDP sums them), running statistics equal to it and identical on every rank."""
+    for name in ("y", "dx"):
+        assert is_close(torch.cat([r[name] for r in per_rank]), expected[name], bound), name
+    for name in ("dweight", "dbias"):
+        assert is_close(sum(r[name] for r in per_rank), expected[name], bound), name
+    for name in ("mean", "std"):
+        assert is_close(per_rank[0][name], expected[name], bound), name
+        assert torch.equal(per_rank[0][name], per_rank[1][name]), name
+
+
 @pytest.mark.parametrize("split", list(SPLITS))
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_sync_equals_the_reference_on_the_concatenated_batch(ranks, config, split):
@@ -171,13 +184,7 @@ def test_sync_equals_the_reference_on_the_concatenated_batch(ranks, config, spli
     rank's micro-batches, identically on every rank."""
     for step, expected in enumerate(_reference_steps(CONFIGS[config])):
         per_rank = [r[config, split][step] for r in ranks]
-        for name in ("y", "dx"):
-            assert is_close(torch.cat([r[name] for r in per_rank]), expected[name], 1e-12)
-        for name in ("dweight", "dbias"):  # parameter gradients stay local; DDP sums them
-            assert is_close(sum(r[name] for r in per_rank), expected[name], 1e-12)
-        for name in ("mean", "std"):
-            assert is_close(per_rank[0][name], expected[name], 1e-12)
-            assert torch.equal(per_rank[0][name], per_rank[1][name])
+        _assert_global_step(per_rank, expected, 1e-12)
         assert int(per_rank[0]["step"]) == int(per_rank[1]["step"]) == step + 1
 
 
@@ -187,13 +194,7 @@ def test_masked_sync_counts_the_masked_elements_of_the_global_batch(ranks, split
     batch together, whatever each rank's share of them."""
     for step, expected in enumerate(_reference_steps(OPTIONS, _global_masks())):
         per_rank = [r["masked", split][step] for r in ranks]
-        for name in ("y", "dx"):
-            assert is_close(torch.cat([r[name] for r in per_rank]), expected[name], 1e-12)
-        for name in ("dweight", "dbias"):
-            assert is_close(sum(r[name] for r in per_rank), expected[name], 1e-12)
-        for name in ("mean", "std"):
-            assert is_close(per_rank[0][name], expected[name], 1e-12)
-            assert torch.equal(per_rank[0][name], per_rank[1][name])
+        _assert_global_step(per_rank, expected, 1e-12)
 
 
 @pytest.mark.parametrize("split", list(SPLITS))
@@ -365,13 +366,7 @@ def test_an_empty_or_one_row_rank_gets_the_global_result(uneven_ranks, case):
     for step, expected in enumerate(_reference_rows_steps(options)):
         per_rank = [r[case] if case == "scheduled" else r[case, "plain"] for r in uneven_ranks]
         per_rank = [r[step] for r in per_rank]
-        for name in ("y", "dx"):
-            assert is_close(torch.cat([r[name] for r in per_rank]), expected[name], 1e-12)
-        for name in ("dweight", "dbias"):
-            assert is_close(sum(r[name] for r in per_rank), expected[name], 1e-12)
-        for name in ("mean", "std"):
-            assert is_close(per_rank[0][name], expected[name], 1e-12)
-            assert torch.equal(per_rank[0][name], per_rank[1][name])
+        _assert_global_step(per_rank, expected, 1e-12)
         assert int(per_rank[0]["step"]) == int(per_rank[1]["step"]) == step + 1
 
 
@@ -431,13 +426,7 @@ def test_native_path_at_a_large_offset_is_float32_accurate_with_one_collective_e
         x, grad = _offset_batch(shape, channels_last, step)
         expected = _float64_step(x, grad, state)
         per_rank = [r["offset", case][step] for r in uneven_ranks]
-        for name in ("y", "dx"):
-            assert is_close(torch.cat([r[name] for r in per_rank]), expected[name], 1e-5)
-        for name in ("dweight", "dbias"):
-            assert is_close(sum(r[name] for r in per_rank), expected[name], 1e-5)
-        for name in ("mean", "std"):
-            assert is_close(per_rank[0][name], expected[name], 1e-5)
-            assert torch.equal(per_rank[0][name], per_rank[1][name])
+        _assert_global_step(per_rank, expected, 1e-5)
         for r in per_rank:
             assert r["collectives"] == (1, 1)
             assert r["channels_last"] == channels_last

@@ -63,21 +63,30 @@ def _from_batchnorm(bn: _BatchNorm, options: dict[str, Any]) -> _BatchRenorm:
     renorm_class = next((r for b, r in _RENORM_OF if isinstance(bn, b)), None)
     if renorm_class is None:
         raise TypeError(f"convert_batchnorm does not know {type(bn).__name__}")
-    kwargs = {"eps": bn.eps, "momentum": bn.momentum,
-              **options, **_factory(bn)}
-    if renorm_class is SyncBatchRenorm:
-        kwargs["process_group"] = bn.process_group
-    renorm = renorm_class(bn.num_features, affine=bn.affine,
-                          track_running_stats=bn.track_running_stats, **kwargs)
+    return _rebuilt(bn, renorm_class, {"momentum": bn.momentum, **options}, "running_std",
+                    lambda: std_from_batchnorm_var(bn.running_var, bn.eps))
+
+
+def _rebuilt(source: nn.Module, cls: type, options: dict[str, Any], spread: str,
+             spread_value: Callable[[], torch.Tensor]) -> nn.Module:
+    """A ``cls`` layer continuing ``source`` (batch norm or renorm, either way): its
+    features, ``eps``, device, dtype, process group, parameters, running mean and step,
+    ``options``, and the running buffer ``spread`` (``running_std`` or ``running_var``)
+    set to ``spread_value()``; ``source``'s modes carried over."""
+    kwargs = {"eps": source.eps, **options, **_factory(source)}
+    if cls in (SyncBatchRenorm, nn.SyncBatchNorm):
+        kwargs["process_group"] = source.process_group
+    layer = cls(source.num_features, affine=source.affine,
+                track_running_stats=source.track_running_stats, **kwargs)
     with torch.no_grad():
-        if bn.affine:
-            renorm.weight.copy_(bn.weight)
-            renorm.bias.copy_(bn.bias)
-        if bn.track_running_stats:
-            renorm.running_mean.copy_(bn.running_mean)
-            renorm.running_std.copy_(std_from_batchnorm_var(bn.running_var, bn.eps))
-            renorm.num_batches_tracked.copy_(bn.num_batches_tracked)
-    return _like(renorm, bn)
+        if source.affine:
+            layer.weight.copy_(source.weight)
+            layer.bias.copy_(source.bias)
+        if source.track_running_stats:
+            layer.running_mean.copy_(source.running_mean)
+            getattr(layer, spread).copy_(spread_value())
+            layer.num_batches_tracked.copy_(source.num_batches_tracked)
+    return _like(layer, source)
 
 
 def convert_batchnorm(module: nn.Module, **renorm_options: Any) -> nn.Module:
@@ -122,20 +131,8 @@ def _to_batchnorm(layer: _BatchRenorm) -> _BatchNorm:
     if callable(momentum):
         raise ValueError(f"to_batchnorm: {type(layer).__name__} has the momentum schedule "
                          f"{momentum!r}, which batch norm cannot hold (a number or None)")
-    kwargs = {"eps": layer.eps, "momentum": momentum, **_factory(layer)}
-    if bn_class is nn.SyncBatchNorm:
-        kwargs["process_group"] = layer.process_group
-    bn = bn_class(layer.num_features, affine=layer.affine,
-                  track_running_stats=layer.track_running_stats, **kwargs)
-    with torch.no_grad():
-        if layer.affine:
-            bn.weight.copy_(layer.weight)
-            bn.bias.copy_(layer.bias)
-        if layer.track_running_stats:
-            bn.running_mean.copy_(layer.running_mean)
-            bn.running_var.copy_(layer.running_std.double().square() - layer.eps)
-            bn.num_batches_tracked.copy_(layer.num_batches_tracked)
-    return _like(bn, layer)
+    return _rebuilt(layer, bn_class, {"momentum": momentum}, "running_var",
+                    lambda: layer.running_std.double().square() - layer.eps)
 
 
 def to_batchnorm(module: nn.Module) -> nn.Module:
