@@ -249,6 +249,8 @@ def to_batchnorm_variables(variables: Mapping, *, epsilon: float) -> Any:
 
     return _convert_variables(variables, epsilon, frozenset({"mean", "std", "step"}), convert,
                               "BatchRenorm", "BatchNorm")
+
+
 # NnxBatchRenorm's constructor options held in its ``config`` (Flax name: core name), and
 # those fixed by the variables it created.
 _CONFIG_OPTIONS = {"axis": "feature_axis", "epsilon": "eps", "momentum": "momentum",
@@ -257,6 +259,17 @@ _CONFIG_OPTIONS = {"axis": "feature_axis", "epsilon": "eps", "momentum": "moment
                    "output_clip": "output_clip"}
 _FIXED_OPTIONS = ("num_features", "param_dtype", "use_bias", "use_scale", "bias_init",
                   "scale_init")
+
+
+def _config_view(flax_name: str, core_name: str) -> property:
+    """An ``NnxBatchRenorm`` option read back from its ``config`` in Flax's meaning (Flax's
+    ``momentum`` is the decay, ``1 -`` the core's rate); setting goes through
+    ``__setattr__``."""
+    if flax_name == "momentum":
+        return property(lambda self: 1.0 - self.config.momentum,
+                        doc="Flax's momentum: the decay of the old statistics.")
+    return property(lambda self: getattr(self.config, core_name),
+                    doc=f"``RenormConfig.{core_name}``.")
 
 
 class NnxBatchRenorm(nnx.Module):
@@ -283,19 +296,8 @@ class NnxBatchRenorm(nnx.Module):
                 except (TypeError, ValueError) as error:
                     raise flax_named(error) from error
                 super().__setattr__("config", config)
-                return  # the attribute is a view of config (below)
+                return  # the attribute is a view of config (``_config_view``)
         super().__setattr__(name, value)
-
-    axis = property(lambda self: self.config.feature_axis, doc="The feature axis.")
-    epsilon = property(lambda self: self.config.eps, doc="Added to the variance.")
-    momentum = property(lambda self: 1.0 - self.config.momentum,
-                        doc="Flax's momentum: the decay of the old statistics.")
-    r_max = property(lambda self: self.config.r_max)
-    d_max = property(lambda self: self.config.d_max)
-    r_min = property(lambda self: self.config.r_min)
-    warmup_steps = property(lambda self: self.config.warmup_steps)
-    micro_batch = property(lambda self: self.config.micro_batch)
-    output_clip = property(lambda self: self.config.output_clip)
 
     def __init__(self, num_features: int, *, use_running_average: bool | None = False,
                  axis: int = -1, momentum: float = 0.99, epsilon: float = 1e-3,
@@ -358,3 +360,7 @@ class NnxBatchRenorm(nnx.Module):
             if hasattr(self, "__captures__"):  # inside nnx.capture: sowing is supported
                 self.sow(nnx.Intermediate, "finite", finite, reduce_fn=_keep_latest)
         return y
+
+
+for _flax_name, _core_name in _CONFIG_OPTIONS.items():
+    setattr(NnxBatchRenorm, _flax_name, _config_view(_flax_name, _core_name))

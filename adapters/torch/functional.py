@@ -515,11 +515,10 @@ def _check_mask(mask: Any, x: torch.Tensor) -> None:
     if mask.device != x.device:
         raise ValueError(f"mask is on {mask.device} but input is on {x.device}")
     try:
-        torch.broadcast_shapes(mask.shape, x.shape)
-    except RuntimeError as error:
-        raise ValueError(f"mask has shape {tuple(mask.shape)}, which does not broadcast to "
-                         f"input's shape {tuple(x.shape)}") from error
-    if torch.broadcast_shapes(mask.shape, x.shape) != x.shape:
+        fits = torch.broadcast_shapes(mask.shape, x.shape) == x.shape
+    except RuntimeError:
+        fits = False
+    if not fits:
         raise ValueError(f"mask has shape {tuple(mask.shape)}, which does not broadcast to "
                          f"input's shape {tuple(x.shape)}")
 
