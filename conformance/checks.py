@@ -50,12 +50,18 @@ def relative_error(out: np.ndarray, ref: np.ndarray) -> float:
     if not np.array_equal(finite, np.isfinite(out)) or not np.array_equal(
             out[~finite], ref[~finite], equal_nan=True):
         return math.inf
-    diff = float(np.linalg.norm(out[finite] - ref[finite]))
-    norm = float(np.linalg.norm(ref[finite]))
+    out, ref = out[finite], ref[finite]
+    # scaled by the largest magnitude first, so that norms of values near float64's
+    # range neither overflow nor underflow (the ratio is unchanged)
+    scale = max(float(np.max(np.abs(ref), initial=0.0)), float(np.max(np.abs(out), initial=0.0)))
+    if scale == 0.0:
+        return 0.0
+    diff = float(np.linalg.norm(out / scale - ref / scale))
+    norm = float(np.linalg.norm(ref / scale))
     if norm == 0.0:
         return 0.0 if diff == 0.0 else math.inf
     error = diff / norm
-    return math.inf if math.isnan(error) else error  # inf / inf: norms past float64
+    return math.inf if not math.isfinite(error) else error
 
 
 def _error(name: str, out: np.ndarray, ref: np.ndarray) -> float:
