@@ -10,6 +10,8 @@
   ``nn.BatchNorm*d`` with the same inference; ``convert_sync_batchrenorm(model)``: renorm
   layers to ``SyncBatchRenorm``.
 - ``recalibrate(model, batches)``: exact population statistics after training.
+- ``functional.batch_renorm``: the functional form the modules call, in the manner of
+  ``torch.nn.functional.batch_norm``.
 
 Quick start::
 
@@ -17,8 +19,9 @@ Quick start::
     layer = BatchRenorm2d(64)                      # paper defaults: eps 1e-3, momentum 0.01
     model = convert_batchnorm(torchvision_model, r_max=3.0, d_max=5.0)
 
-The computation is the core's (``portable_brn.renorm``); common cases run on PyTorch's
-native batch-norm kernels, held to the core by the tests.
+The computation is the core's (``portable_brn.renorm``); every configuration but masks
+and mixed dtypes runs on PyTorch's native batch-norm kernels, held to the core by the
+tests.
 """
 
 from __future__ import annotations
