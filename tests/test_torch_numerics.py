@@ -19,6 +19,7 @@ from test_torch_support import (  # noqa: E402
     is_close,
     numpy,
     random_affine,
+    without_compiled_features,
 )
 from torch import nn  # noqa: E402
 
@@ -50,6 +51,7 @@ CONFIGS = [
 ]
 
 
+@pytest.mark.usefixtures("features")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize(("layer_class", "shape", "options"),
                          [c[1:] for c in CONFIGS], ids=[c[0] for c in CONFIGS])
@@ -59,6 +61,7 @@ def test_fifty_steps_match_the_reference(layer_class, shape, options, dtype):
     assert 0.1 < clipped < 0.9  # clipping binds in some steps and features, not all
 
 
+@pytest.mark.usefixtures("features")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("options", [{}, {"output_clip": (-1.0, 1.5)}], ids=["native", "core"])
 def test_channels_last_matches_the_reference(options, dtype):
@@ -120,10 +123,11 @@ def _one_step(train, x, grad, weight, bias, mean, std, step, config):
 @given(rows=st.integers(2, 9), channels=st.integers(1, 4), spatial=st.integers(1, 3),
        rank=st.integers(2, 4), r_max=st.floats(1.0, 3.0), d_max=st.floats(0.0, 2.0),
        momentum=st.floats(0.01, 1.0), step=st.integers(0, 20), seed=st.integers(0, 2**16),
-       double=st.booleans())
+       double=st.booleans(), compiled_features=st.booleans())
 def test_native_path_equals_core_path(rows, channels, spatial, rank, r_max, d_max, momentum,
-                                      step, seed, double):
-    """The fast path is held to the core's generic path, output, gradients and state."""
+                                      step, seed, double, compiled_features):
+    """The fast path, with ``features.c`` or tensor ops, is held to the core's generic
+    path: output, gradients and state."""
     assume(rows * spatial ** (rank - 2) >= 4)  # m = 2 or 3: dx is rounding noise
     dtype = torch.float64 if double else torch.float32
     generator = torch.Generator().manual_seed(seed)
@@ -135,7 +139,8 @@ def test_native_path_equals_core_path(rows, channels, spatial, rank, r_max, d_ma
     layer = BatchRenorm1d(channels, eps=1e-9, r_max=r_max, d_max=d_max, momentum=momentum,
                           warmup_steps=5)
     args = (x, grad, weight, bias, mean, std, torch.tensor(step), layer.config)
-    native = _one_step(lambda *a: _native_train(*a), *args)
+    with without_compiled_features(not compiled_features):
+        native = _one_step(lambda *a: _native_train(*a), *args)
     core = _one_step(lambda x, w, b, s, c, f: _core_train(x, w, b, s, c, None, f), *args)
     assume(_cancellation(x, grad, weight, bias, core) <= 10)
     for name, value in core.items():
@@ -210,6 +215,17 @@ NATIVE_CONFIGS = [
 ]
 
 
+@pytest.fixture(params=["compiled", "tensor"])
+def features(request, monkeypatch):
+    """Each native step twice: per-feature algebra by ``features.c`` and by tensor ops."""
+    from portable_brn.adapters.torch import compiled
+    if request.param == "tensor":
+        monkeypatch.setattr(compiled, "library", lambda: None)
+    else:
+        assert compiled.library() is not None, "features.c did not build"
+    return request.param
+
+
 @pytest.fixture
 def core_path_forbidden(monkeypatch):
     """The core's generic path raises: what runs is the native one."""
@@ -220,6 +236,7 @@ def core_path_forbidden(monkeypatch):
     monkeypatch.setattr(functional._CoreRenorm, "apply", forbidden)
 
 
+@pytest.mark.usefixtures("features")
 @pytest.mark.usefixtures("core_path_forbidden")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
                          ids=["f32", "bf16", "f16"])
@@ -325,6 +342,7 @@ def _core(x, weight, bias, state, config, finite):
     return _core_train(x, weight, bias, state, config, None, finite)
 
 
+@pytest.mark.usefixtures("features")
 @pytest.mark.parametrize("layout", list(OFFSET_LAYOUTS))
 def test_float32_at_offset_100_is_within_spec(layout):
     """x = 100 + N(0, 1): y, dx, the gradients and the new state within the specification's
@@ -333,6 +351,7 @@ def test_float32_at_offset_100_is_within_spec(layout):
     assert all(error <= 1e-5 for error in errors.values()), errors
 
 
+@pytest.mark.usefixtures("features")
 @pytest.mark.parametrize("options", [{"micro_batch": 4}, {"output_clip": (-1.0, 1.0)}],
                          ids=["micro-batch", "output-clip"])
 @pytest.mark.parametrize("layout", list(OFFSET_LAYOUTS))
@@ -342,6 +361,7 @@ def test_float32_options_at_offset_100_are_within_spec(layout, options):
     assert all(error <= 1e-5 for error in errors.values()), errors
 
 
+@pytest.mark.usefixtures("features")
 @pytest.mark.parametrize("layout", list(OFFSET_LAYOUTS))
 def test_float32_at_offset_1e4_is_no_worse_than_twice_the_generic_path(layout):
     """x = 1e4 + N(0, 1): float32 itself limits the batch mean; the native path's error is
@@ -353,3 +373,17 @@ def test_float32_at_offset_1e4_is_no_worse_than_twice_the_generic_path(layout):
     for name, error in native.items():
         assert math.isfinite(error) and error <= max(2 * core[name], 1e-6), (name, native,
                                                                                 core)
+
+
+@pytest.mark.usefixtures("features")
+@pytest.mark.parametrize("options", [{}, {"micro_batch": 4}, {"output_clip": (-1.0, 1.0)}],
+                         ids=["plain", "micro-batch", "output-clip"])
+@pytest.mark.parametrize("layout", list(OFFSET_LAYOUTS))
+@pytest.mark.parametrize("offset", [2.9, 3.2], ids=["below-shift", "above-shift"])
+def test_float32_near_the_shift_threshold_is_within_spec(layout, options, offset):
+    """x = offset + N(0, 1) on either side of ``SHIFT_ABOVE`` (unshifted below it, shifted
+    above): the specification's 1e-5 both ways."""
+    from portable_brn.adapters.torch.functional import SHIFT_ABOVE
+    assert abs(offset - SHIFT_ABOVE) < 0.3
+    errors = _offset_step(_native, layout, offset, **options)
+    assert all(error <= 1e-5 for error in errors.values()), errors

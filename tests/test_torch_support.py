@@ -3,9 +3,12 @@ float64 reference side by side, step after step."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+from collections.abc import Iterator
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -18,6 +21,18 @@ from portable_brn.conformance import reference  # noqa: E402
 from conftest import rel_err  # noqa: E402
 
 BOUND = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+@contextlib.contextmanager
+def without_compiled_features(active: bool = True) -> Iterator[None]:
+    """While active, the torch layers do their per-feature algebra in tensor operations,
+    as on a machine without a C compiler."""
+    from portable_brn.adapters.torch import compiled
+    if not active:
+        yield
+        return
+    with mock.patch.object(compiled, "library", lambda: None):
+        yield
 
 
 def numpy(tensor: Any) -> np.ndarray | None:

@@ -44,6 +44,8 @@ from portable_brn.renorm import backward, clip_limits, forward_train, momentum_a
 from portable_brn.schedules import ScheduleLike
 from portable_brn.state import RenormState, init_state
 
+from . import compiled
+
 __all__ = ["batch_renorm"]
 
 ReplicaMean = Callable[[torch.Tensor], torch.Tensor] | None
@@ -72,13 +74,18 @@ def _broadcast(array: torch.Tensor, view: torch.Tensor, groups: int) -> torch.Te
     """A ``(groups, C)`` or ``(C,)`` array shaped to broadcast against ``view``."""
     channels = array.shape[-1]
     if groups == 1:
-        return array.reshape((1, channels) + (1,) * (view.dim() - 2))
+        return array if view.dim() == 2 else array.reshape((channels,) + (1,) * (view.dim() - 2))
     return array.reshape((groups, 1, channels) + (1,) * (view.dim() - 3))
+
+
+def _summed(array: torch.Tensor, groups: int) -> torch.Tensor:
+    """A per-(group, feature) array summed over the groups."""
+    return array if groups == 1 else array.sum(0)
 
 
 def _slices(x: torch.Tensor, groups: int) -> list[torch.Tensor]:
     """The micro-batches of ``x`` along dim 0, views in x's memory format."""
-    return [x] if groups == 1 else list(x.chunk(groups))
+    return list(x.chunk(groups))
 
 
 def _batch_norm_layout(x: torch.Tensor) -> bool:
@@ -122,7 +129,8 @@ def _shift_of(x: torch.Tensor, shifted: bool) -> torch.Tensor | None:
 
 def _per_group_stats(x: torch.Tensor, groups: int, stat_dtype: torch.dtype,
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-micro-batch mean and biased variance, ``(groups, C)`` in ``stat_dtype``.
+    """Per-micro-batch mean and biased variance, ``(groups, C)`` (``(C,)`` for one group)
+    in ``stat_dtype``.
 
     16-bit inputs pass float32 scratch buffers with momentum 0, which selects batch
     norm's mixed-dtype kernel: float32 accumulation and float32 results.  Under
@@ -134,7 +142,8 @@ def _per_group_stats(x: torch.Tensor, groups: int, stat_dtype: torch.dtype,
         var, mean = torch.var_mean(_grouped(x, groups).to(stat_dtype),
                                    _reduce_dims(x) if groups == 1 else
                                    [1, *range(3, x.dim() + 1)], correction=0)
-        return mean.reshape(groups, -1), var.reshape(groups, -1)
+        return (mean, var) if groups == 1 else (mean.reshape(groups, -1),
+                                                var.reshape(groups, -1))
     if groups > 1 and not _channels_innermost(x) and x.dtype == stat_dtype:
         # batch norm's NCHW statistics kernel is several times slower on small slices,
         # var_mean ten times slower than sums; x is shifted: E[x^2] - E[x]^2 cancels little
@@ -149,28 +158,36 @@ def _per_group_stats(x: torch.Tensor, groups: int, stat_dtype: torch.dtype,
         return mean.reshape(groups, -1), var.reshape(groups, -1)
     if x.dtype != stat_dtype:
         scratch = torch.empty((2, x.shape[1]), dtype=stat_dtype, device=x.device)
+    if groups == 1:
+        return torch.batch_norm_update_stats(x, *((None, None) if scratch is None else scratch),
+                                             0.0)
     means, variances = [], []
     for part in _slices(x, groups):
         running = (None, None) if scratch is None else (scratch[0], scratch[1])
         mean, var = torch.batch_norm_update_stats(part, *running, 0.0)
         means.append(mean)
         variances.append(var)
-    if groups == 1:  # views, no kernel
-        return means[0].unsqueeze(0), variances[0].unsqueeze(0)
     return torch.stack(means), torch.stack(variances)
 
 
-def _dx_by_addcmul(grad: torch.Tensor, x: torch.Tensor, k: torch.Tensor, mean: torch.Tensor,
-                   inv_std: torch.Tensor, sum_g_xhat: torch.Tensor, sum_g: torch.Tensor,
-                   count: int, groups: int) -> torch.Tensor:
-    """``dx = k * (g - mean(g) - x_hat * mean(g * x_hat))`` (specification section 4, per group) as
-    ``g * k + x * x_scale + shift``: two passes over the ``(groups, ...)`` view, which
-    beat batch norm's dx pass on ``(N, C)`` rows and serve every micro-batched layout."""
-    x_scale = torch.mul(k, inv_std).mul_(sum_g_xhat).div_(-count)
-    shift = torch.mul(k, sum_g).div_(-count).addcmul_(mean, x_scale, value=-1)
+def _statistics(x: torch.Tensor, groups: int, stat_dtype: torch.dtype, shift: bool,
+                ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The origin x is shifted by (None: not shifted), the shifted x, and its per-group
+    mean and variance."""
+    origin = _shift_of(x, shift)
+    xs = x if origin is None else x - _broadcast(origin, x, 1)
+    return (origin, xs, *_per_group_stats(xs, groups, stat_dtype))
+
+
+def _dx_by_addcmul(grad: torch.Tensor, x: torch.Tensor, k: torch.Tensor,
+                   x_scale: torch.Tensor, dx_shift: torch.Tensor, groups: int) -> torch.Tensor:
+    """``dx = g * k + x * x_scale + dx_shift`` (``_backward_features``' coefficients, per
+    group): two passes over the ``(groups, ...)`` view, which beat batch norm's dx pass
+    on ``(N, C)`` rows and serve every micro-batched layout."""
     gv, xv = _grouped(grad, groups), _grouped(x, groups)
-    dx = torch.addcmul(_broadcast(shift, xv, groups), xv, _broadcast(x_scale, xv, groups))
-    return dx.addcmul_(gv, _broadcast(k, gv, groups)).view(x.shape)
+    dx = torch.addcmul(_broadcast(dx_shift, xv, groups), xv, _broadcast(x_scale, xv, groups))
+    dx.addcmul_(gv, _broadcast(k, gv, groups))
+    return dx if groups == 1 else dx.view(x.shape)
 
 
 def _saved_not_recomputed(*arrays: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -186,82 +203,143 @@ def _saved_not_recomputed(*arrays: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return arrays
 
 
+# Shift x when some feature's |batch mean| exceeds this many batch stds: below it the
+# unshifted float32 statistics and transform keep the specification's 1e-5 (tested), so
+# the extra pass over x is paid only by inputs far from zero.
+SHIFT_ABOVE = 3.0
+
+
+def _needs_shift(mean: torch.Tensor, var: torch.Tensor, eps: float) -> bool:
+    """Whether some feature's |mean| exceeds ``SHIFT_ABOVE`` stds (``features.c`` asks
+    the same)."""
+    return bool(torch.any(mean.square() > (var + eps).mul_(SHIFT_ABOVE ** 2)))
+
+
+def _tensor_features(mean: torch.Tensor, std: torch.Tensor, origin: torch.Tensor | None,
+                     running_mean: torch.Tensor | None, running_std: torch.Tensor | None,
+                     weight: torch.Tensor | None, bias: torch.Tensor | None, limits: tuple,
+                     ) -> tuple[torch.Tensor, ...]:
+    """The per-(group, feature) rows of ``features.c``'s forward in tensor operations:
+    inv_std, r, d, scale = weight * r, shift = weight * d + bias, k = scale * inv_std and
+    offset = shift - mean * k from the batch mean and std (``running_std`` None: r = 1,
+    d = 0)."""
+    inv_std = std.reciprocal()
+    if running_std is None:
+        r, d = torch.ones_like(std), torch.zeros_like(std)
+    else:
+        r_min, r_max, d_max = limits
+        r = torch.div(std, running_std).clamp_(r_min, r_max)
+        # mu_B - mean as (shifted mu_B) + (origin - mean): exact while mu_B is rounded
+        at = running_mean if origin is None else running_mean - origin
+        d = torch.sub(mean, at).div_(running_std).clamp_(-d_max, d_max)
+    r, d = _saved_not_recomputed(r, d)
+    scale, shift = (r, d) if weight is None else (weight * r, torch.addcmul(bias, weight, d))
+    k = scale * inv_std
+    return inv_std, r, d, scale, shift, k, shift.addcmul(mean, k, value=-1)
+
+
+def _backward_features(sum_g_xhat: torch.Tensor, sum_g: torch.Tensor,
+                       inv_std: torch.Tensor, k: torch.Tensor, mean: torch.Tensor,
+                       r: torch.Tensor, d: torch.Tensor, count: int,
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``features.c``'s backward rows in tensor operations: with
+    ``dx = k * (g - mean(g) - x_hat * mean(g * x_hat))`` (specification section 4, per group)
+    written ``g * k + x * x_scale + dx_shift``, x_scale and dx_shift; and
+    ``dweight = sum(g * (x_hat * r + d))``."""
+    x_scale = torch.mul(k, inv_std).mul_(sum_g_xhat).div_(-count)
+    dx_shift = torch.mul(k, sum_g).div_(-count).addcmul_(mean, x_scale, value=-1)
+    return x_scale, dx_shift, torch.addcmul(sum_g_xhat * r, d, sum_g)
+
+
 class _NativeRenorm(torch.autograd.Function):
-    """One training step on batch norm's kernels: returns ``y`` and the pooled batch mean
-    and std the moving statistics move toward (no gradient).
+    """One training step on batch norm's kernels: returns ``y``, and the pooled batch mean
+    and std the moving statistics move toward (no gradient) when ``update`` is None.
 
     ``running_mean``/``running_std`` None means r = 1 and d = 0 (no state); ``limits``
     are ``clip_limits``' ``(r_min, r_max, d_max)``; ``groups`` micro-batches of equal
-    size; ``clip`` is ``output_clip`` or None; ``shifted`` subtracts the first sample's
-    features from x before anything else (float32 accuracy at large offsets)."""
+    size; ``clip`` is ``output_clip`` or None; ``shift`` asks that x be shifted by its
+    first sample's features when it is far from zero (float32 accuracy at large
+    offsets): always under ``torch.compile`` and on CUDA (no branch on a value), only
+    where ``_needs_shift`` on the CPU.  ``update`` ``(step, momentum, finite_out)``
+    moves the state here (eager mode; ``features.c`` in the same call as r and d)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor | None,
                 bias: torch.Tensor | None, running_mean: torch.Tensor | None,
                 running_std: torch.Tensor | None, limits: tuple, eps: float, groups: int,
-                clip: tuple[float, float] | None, shifted: bool) -> tuple:
+                clip: tuple[float, float] | None, shift: bool, update: tuple | None,
+                ) -> Any:
         stat_dtype = torch.float32 if x.dtype in _HALF_DTYPES else x.dtype
-        origin = _shift_of(x, shifted)
-        xs = x if origin is None else x - _broadcast(origin, x, 1)
-        mean, var = _per_group_stats(xs, groups, stat_dtype)
-        std = torch.add(var, eps).sqrt_()
-        inv_std = std.reciprocal()
-        true_mean = mean if origin is None else mean + origin
-        if running_std is None:
-            r, d = torch.ones_like(std), torch.zeros_like(std)
+        if_needed = shift and x.is_cpu and not torch.compiler.is_compiling()
+        origin, xs, mean, var = _statistics(x, groups, stat_dtype, shift and not if_needed)
+        lib = compiled.library() if (update is not None and running_std is not None
+                                     and groups == 1 and clip is None) else None
+        if lib is not None and compiled.takes(x, running_mean, running_std, weight, bias,
+                                              update[2]):
+            step, momentum, finite_out = update
+            call = (RenormState(running_mean, running_std, step), weight, bias, finite_out,
+                    tuple(float(v) for v in limits), eps, float(momentum))
+            rows = compiled.forward_features(lib, mean, var, None, *call,
+                                             SHIFT_ABOVE if if_needed else 0.0)
+            if rows is None:  # far from zero: shift; the state has not moved
+                origin, xs, mean, var = _statistics(x, groups, stat_dtype, True)
+                rows = compiled.forward_features(lib, mean, var, origin, *call, 0.0)
+            inv_std, r, d, scale, shift_, k, offset = rows.unbind()
         else:
-            r_min, r_max, d_max = limits
-            r = torch.div(std, running_std).clamp_(r_min, r_max)
-            # mu_B - mean as (shifted mu_B) + (origin - mean): exact while mu_B is rounded
-            offset = running_mean if origin is None else running_mean - origin
-            d = torch.sub(mean, offset).div_(running_std).clamp_(-d_max, d_max)
-        r, d = _saved_not_recomputed(r, d)
+            lib = None
+            if if_needed and _needs_shift(mean, var, eps):
+                origin, xs, mean, var = _statistics(x, groups, stat_dtype, True)
+            std = torch.add(var, eps).sqrt_()
+            inv_std, r, d, scale, shift_, k, offset = _tensor_features(
+                mean, std, origin, running_mean, running_std, weight, bias, limits)
         if clip is None:
-            scale, shift = (r, d) if weight is None else (weight * r,
-                                                          torch.addcmul(bias, weight, d))
-            y = _transform(xs, scale, shift, mean, var, inv_std, eps, groups)
+            y = _transform(xs, scale, shift_, k, offset, mean, var, eps, groups)
             clipped_z = inside = None
         else:
-            z = _transform(xs, r, d, mean, var, inv_std, eps, groups, out_dtype=stat_dtype)
+            k_z = r * inv_std
+            z = _transform(xs, r, d, k_z, d.addcmul(mean, k_z, value=-1), mean, var, eps,
+                           groups, out_dtype=stat_dtype)
             clipped_z = z.clamp(*clip)
             inside = clipped_z == z  # low <= z <= high (NaN: False), in one pass
             y = _affine(clipped_z, weight, bias, x.dtype)
-            scale = r if weight is None else weight * r
-        ctx.eps, ctx.groups = eps, groups
-        ctx.save_for_backward(xs, weight, scale, mean, inv_std, r, d, clipped_z, inside)
-        pooled_mean, pooled_std = ((true_mean[0], std[0]) if groups == 1
-                                   else (true_mean.mean(0), std.mean(0)))
-        ctx.mark_non_differentiable(pooled_mean, pooled_std)
-        return y, pooled_mean, pooled_std
+        ctx.eps, ctx.groups, ctx.lib = eps, groups, lib
+        ctx.save_for_backward(xs, scale, k, mean, inv_std, r, d, clipped_z, inside)
+        if lib is not None or running_std is None:  # moved in features.c, or no state
+            return y
+        true_mean = mean if origin is None else mean + origin
+        pooled = (true_mean, std) if groups == 1 else (true_mean.mean(0), std.mean(0))
+        if update is not None:
+            _moved_state(running_mean, running_std, *pooled, *update)
+            return y
+        ctx.mark_non_differentiable(*pooled)
+        return (y, *pooled)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor, *unused: Any) -> tuple:
-        xs, weight, scale, mean, inv_std, r, d, clipped_z, inside = ctx.saved_tensors
+        xs, scale, k, mean, inv_std, r, d, clipped_z, inside = ctx.saved_tensors
         need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
-        dweight = dbias = None
+        groups = ctx.groups
         if clipped_z is not None:
             dims = _reduce_dims(grad)
-            if need_weight:
-                dweight = torch.sum(grad * clipped_z, dims)
-            if need_bias:
-                dbias = torch.sum(grad, dims, dtype=clipped_z.dtype)
+            dweight = torch.sum(grad * clipped_z, dims) if need_weight else None
+            dbias = torch.sum(grad, dims, dtype=clipped_z.dtype) if need_bias else None
             grad = torch.where(inside, grad, 0)
-            need_sums = need_x
+        dx, sum_g_xhat, sum_g = _batch_norm_backward(grad, xs, scale, mean, inv_std, ctx.eps,
+                                                     groups, need_x)
+        count = xs.numel() // (xs.shape[1] * groups)
+        if ctx.lib is not None:
+            x_scale, dx_shift, dweight_z = compiled.backward_features(
+                ctx.lib, sum_g_xhat, sum_g, inv_std, k, mean, r, d, count).unbind()
         else:
-            need_sums = need_x or need_weight or need_bias
-        dx, sum_g_xhat, sum_g = _batch_norm_backward(
-            grad, xs, scale, mean, inv_std, ctx.eps, ctx.groups, need_x, need_sums)
-        if clipped_z is None:
-            # dweight = sum(g * z) with z = x_hat * r + d, summed over micro-batches
-            if need_weight:
-                dweight = torch.addcmul(sum_g_xhat * r, d, sum_g).sum(0)
-            if need_bias:
-                dbias = sum_g.sum(0)
-        if weight is not None:
-            dweight = None if dweight is None else dweight.to(weight.dtype)
-            dbias = None if dbias is None else dbias.to(weight.dtype)
-        return dx, dweight, dbias, None, None, None, None, None, None, None
+            x_scale, dx_shift, dweight_z = _backward_features(sum_g_xhat, sum_g, inv_std, k,
+                                                              mean, r, d, count)
+        if need_x and dx is None:
+            dx = _dx_by_addcmul(grad, xs, k, x_scale, dx_shift, groups).to(grad.dtype)
+        if clipped_z is None:  # every sum is in the parameters' dtype (_kernels_take)
+            dweight = _summed(dweight_z, groups) if need_weight else None
+            dbias = _summed(sum_g, groups) if need_bias else None
+        return dx, dweight, dbias, None, None, None, None, None, None, None, None
 
 
 def _affine(z: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -283,44 +361,35 @@ def _addcmul_as(dtype: torch.dtype, shift: torch.Tensor, x: torch.Tensor,
     return torch.addcmul(shift, x, scale, out=torch.empty_like(x, dtype=dtype))
 
 
-def _transform(xs: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
-               mean: torch.Tensor, var: torch.Tensor, inv_std: torch.Tensor, eps: float,
+def _transform(xs: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, k: torch.Tensor,
+               offset: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float,
                groups: int, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``(x - mean) * inv_std * scale + shift`` per (group, feature), rounded once to
-    ``out_dtype`` (default x's).  One group of features that are not innermost uses
-    batch norm's inference kernel; everything else one ``addcmul`` over the view."""
+    """``(x - mean) * inv_std * scale + shift`` per (group, feature), i.e. ``x * k + offset``,
+    rounded once to ``out_dtype`` (default x's).  One group of features that are not
+    innermost uses batch norm's inference kernel; everything else one ``addcmul`` over
+    the view."""
     out_dtype = out_dtype or xs.dtype
     if groups == 1 and _batch_norm_layout(xs) and out_dtype == xs.dtype:
-        return F.batch_norm(xs, mean[0], var[0], scale.reshape(-1), shift.reshape(-1),
-                            False, 0.0, eps)
-    k = scale * inv_std
-    offset = shift.addcmul(mean, k, value=-1)
+        return F.batch_norm(xs, mean, var, scale, shift, False, 0.0, eps)
     view = _grouped(xs, groups)
     y = _addcmul_as(out_dtype, _broadcast(offset, view, groups), view,
                     _broadcast(k, view, groups))
-    return y.view(xs.shape)
+    return y if groups == 1 else y.view(xs.shape)
 
 
 def _batch_norm_backward(grad: torch.Tensor, xs: torch.Tensor, scale: torch.Tensor,
                          mean: torch.Tensor, inv_std: torch.Tensor, eps: float, groups: int,
-                         need_x: bool, need_sums: bool) -> tuple:
-    """Batch norm's backward with weight ``scale`` per (group, feature): ``dx`` (None
-    unless ``need_x``) and the ``(groups, C)`` sums of ``g * x_hat`` and ``g``."""
+                         need_x: bool) -> tuple:
+    """The ``(groups, C)`` sums of ``g * x_hat`` and ``g``, and, where batch norm's own
+    backward computes it with weight ``scale`` (one group, features not innermost), dx
+    (else None)."""
     if groups == 1 and _batch_norm_layout(xs):
         dx, sum_g_xhat, sum_g = torch.ops.aten.native_batch_norm_backward(
-            grad, xs, scale[0], None, None, mean[0], inv_std[0], True, eps,
-            [need_x, need_sums, need_sums])
-        return dx, sum_g_xhat[None] if need_sums else None, sum_g[None] if need_sums else None
+            grad, xs, scale, None, None, mean, inv_std, True, eps, [need_x, True, True])
+        return dx, sum_g_xhat, sum_g
     if groups > 1 and not _channels_innermost(xs) and xs.dtype == mean.dtype:
-        sum_g_xhat, sum_g = _grouped_sums(grad, xs, mean, inv_std, groups)
-    else:
-        sum_g_xhat, sum_g = _per_slice_sums(grad, xs, mean, inv_std, eps, groups)
-    dx = None
-    if need_x:
-        count = xs.numel() // (xs.shape[1] * groups)
-        dx = _dx_by_addcmul(grad, xs, scale * inv_std, mean, inv_std, sum_g_xhat, sum_g,
-                            count, groups).to(grad.dtype)
-    return dx, sum_g_xhat, sum_g
+        return None, *_grouped_sums(grad, xs, mean, inv_std, groups)
+    return None, *_per_slice_sums(grad, xs, mean, inv_std, eps, groups)
 
 
 def _grouped_sums(grad: torch.Tensor, xs: torch.Tensor, mean: torch.Tensor,
@@ -349,28 +418,31 @@ def _row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _per_slice_sums(grad: torch.Tensor, xs: torch.Tensor, mean: torch.Tensor,
                     inv_std: torch.Tensor, eps: float, groups: int,
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``(groups, C)`` sums of ``g * x_hat`` and ``g``, by batch norm's backward per
-    micro-batch."""
+    """The ``(groups, C)`` (``(C,)``) sums of ``g * x_hat`` and ``g``, by batch norm's
+    backward per micro-batch."""
+    if groups == 1:
+        return torch.ops.aten.native_batch_norm_backward(
+            grad, xs, None, None, None, mean, inv_std, True, eps, [False, True, True])[1:]
     sums = [torch.ops.aten.native_batch_norm_backward(
         g, x, None, None, None, m, s, True, eps, [False, True, True])[1:]
         for g, x, m, s in zip(_slices(grad, groups), _slices(xs, groups), mean, inv_std,
                               strict=True)]
-    if groups == 1:
-        return tuple(column.unsqueeze(0) for column in sums[0])
     return tuple(torch.stack(column) for column in zip(*sums, strict=True))
 
 
-def _moved_state(state: RenormState, mean: torch.Tensor, std: torch.Tensor,
-                 momentum: float, finite_out: torch.Tensor | None) -> None:
-    """Move ``state`` toward the batch's in place; features whose statistics are not
-    finite keep theirs.  A non-finite batch mean makes every centred square, so the
-    variance, non-finite too: std alone tells whether both are finite (one kernel)."""
+def _moved_state(running_mean: torch.Tensor, running_std: torch.Tensor, mean: torch.Tensor,
+                 std: torch.Tensor, step: torch.Tensor, momentum: Any,
+                 finite_out: torch.Tensor | None) -> None:
+    """Move the running statistics toward the batch's in place and advance ``step``;
+    features whose statistics are not finite keep theirs.  A non-finite batch mean makes
+    every centred square, so the variance, non-finite too: std alone tells whether both
+    are finite (one kernel)."""
     finite = std < math.inf
     torch._foreach_lerp_(
-        [state.mean, state.std],
-        [torch.where(finite, mean.to(state.mean.dtype), state.mean),
-         torch.where(finite, std.to(state.std.dtype), state.std)], momentum)
-    state.step.add_(1)
+        [running_mean, running_std],
+        [torch.where(finite, mean.to(running_mean.dtype), running_mean),
+         torch.where(finite, std.to(running_std.dtype), running_std)], momentum)
+    step.add_(1)
     if finite_out is not None:
         finite_out.copy_(finite)
 
@@ -378,24 +450,28 @@ def _moved_state(state: RenormState, mean: torch.Tensor, std: torch.Tensor,
 def _native_train(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                   state: RenormState | None, config: RenormConfig,
                   finite_out: torch.Tensor | None = None) -> torch.Tensor:
-    """The native training step; updates ``state``'s tensors in place after the output
-    (None: no state, r = 1 and d = 0)."""
+    """The native training step; updates ``state``'s tensors in place (None: no state,
+    r = 1 and d = 0)."""
     groups = _groups(x, config.micro_batch)
     # float32 wherever the transform is an addcmul; float64 where the grouped statistics
     # are plain sums (E[x^2] - E[x]^2)
-    shifted = (x.dtype == torch.float32 and (
+    shift = (x.dtype == torch.float32 and (
         groups > 1 or config.output_clip is not None or _channels_innermost(x))) or (
         x.dtype == torch.float64 and groups > 1 and not _channels_innermost(x))
     if state is None:
-        limits, mean, std = None, None, None
-    else:
-        limits = clip_limits(config, state.step, state.std.dtype)
-        mean, std = state.mean, state.std
+        return _NativeRenorm.apply(x, weight, bias, None, None, None, config.eps, groups,
+                                   config.output_clip, shift, None)
+    limits = clip_limits(config, state.step, state.std.dtype)
+    momentum = momentum_at(config, state.step, state.std.dtype)
+    if not torch.compiler.is_compiling():
+        return _NativeRenorm.apply(x, weight, bias, state.mean, state.std, limits,
+                                   config.eps, groups, config.output_clip, shift,
+                                   (state.step, momentum, finite_out))
     y, batch_mean, batch_std = _NativeRenorm.apply(
-        x, weight, bias, mean, std, limits, config.eps, groups, config.output_clip, shifted)
-    if state is not None:
-        rate = momentum_at(config, state.step, batch_std.dtype)
-        _moved_state(state, batch_mean, batch_std, rate, finite_out)
+        x, weight, bias, state.mean, state.std, limits, config.eps, groups,
+        config.output_clip, shift, None)
+    _moved_state(state.mean, state.std, batch_mean, batch_std, state.step, momentum,
+                 finite_out)
     return y
 
 
