@@ -6,7 +6,6 @@ the layers fall back with a warning."""
 from __future__ import annotations
 
 import math
-import shutil
 import subprocess
 
 import pytest
@@ -51,7 +50,7 @@ def _close(actual, expected, dtype):
 
 def test_the_library_builds_where_a_compiler_exists():
     """CI has a C compiler: there the fast path must not silently fall back."""
-    if not (in_ci() or shutil.which("cc")):
+    if not in_ci() and compiled.compiler() is None:
         pytest.skip("no C compiler on this machine")
     assert compiled.library() is not None
 
@@ -140,3 +139,27 @@ def test_without_a_compiler_the_layers_warn_once_and_still_train(monkeypatch, fr
     # no clip binds (r ~ 2, d ~ 1): the output is (x - running_mean) / running_std = x
     assert torch.allclose(y, x, atol=1e-5)
     assert int(layer.num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("step", [torch.tensor(5.0), torch.tensor(5, dtype=torch.int32)],
+                         ids=["float", "int32"])
+def test_a_step_counter_of_another_dtype_takes_the_tensor_path(step):
+    """``features.c`` writes an int64 step: any other takes tensor operations, which count
+    in the counter's own dtype."""
+    layer = BatchRenorm1d(4)
+    layer.num_batches_tracked = step.clone()
+    layer(torch.randn(8, 4))
+    assert layer.num_batches_tracked.dtype == step.dtype and int(layer.num_batches_tracked) == 6
+
+
+def test_no_home_directory_falls_back_with_a_warning(monkeypatch):
+    def homeless():
+        raise RuntimeError("Could not determine home directory.")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setattr(compiled.Path, "home", staticmethod(homeless))
+    compiled.library.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="home directory"):
+            assert compiled.library() is None
+    finally:
+        compiled.library.cache_clear()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import shutil
 import subprocess
 import sysconfig
 import tempfile
@@ -37,15 +38,26 @@ def _cache_dir() -> Path:
     return Path(root) / "portable_brn"
 
 
+def compiler() -> list[str] | None:
+    """The command of the C compiler Python was built with, else ``cc``; None if neither
+    is on the PATH."""
+    for command in (sysconfig.get_config_var("CC") or "", "cc"):
+        if command.split() and shutil.which(command.split()[0]):
+            return command.split()
+    return None
+
+
 def _compile(source: Path, target: Path) -> None:
     """Compile ``source`` into the shared library ``target``, atomically (processes that
     race each write their own file and rename it into place)."""
-    compiler = (sysconfig.get_config_var("CC") or "cc").split()
+    command = compiler()
+    if command is None:
+        raise OSError("no C compiler on the PATH")
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, scratch = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(handle)
     try:
-        subprocess.run([*compiler, "-O2", "-shared", "-fPIC", "-o", scratch, str(source),
+        subprocess.run([*command, "-O2", "-shared", "-fPIC", "-o", scratch, str(source),
                         "-lm"], check=True, capture_output=True, timeout=120)
         os.replace(scratch, target)
     finally:
@@ -60,12 +72,12 @@ def library() -> ctypes.CDLL | None:
     if os.environ.get("PORTABLE_BRN_NO_COMPILE"):
         return None
     digest = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:16]
-    target = _cache_dir() / f"features-{digest}{sysconfig.get_config_var('EXT_SUFFIX')}"
-    try:
+    try:  # RuntimeError: no home directory to cache in
+        target = _cache_dir() / f"features-{digest}{sysconfig.get_config_var('EXT_SUFFIX')}"
         if not target.exists():
             _compile(_SOURCE, target)
         lib = ctypes.CDLL(str(target))
-    except (OSError, subprocess.SubprocessError) as error:
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         warnings.warn(f"portable_brn could not compile its per-feature CPU kernel ({error}); "
                       f"the torch layers use tensor operations instead (slower on small "
                       f"batches)", RuntimeWarning, stacklevel=2)
@@ -79,12 +91,17 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
-def takes(x: torch.Tensor, *arrays: torch.Tensor | None) -> bool:
-    """Whether the compiled call takes the parameters and state ``arrays`` of a step on
-    ``x`` (which ``functional._kernels_take`` has checked are of the statistics' dtype):
-    contiguous, on the CPU, float32 or float64 (None for an absent weight)."""
-    return x.is_cpu and arrays[0].dtype in _SUFFIX and all(
-        a is None or a.is_contiguous() for a in arrays)
+def takes(x: torch.Tensor, step: torch.Tensor, finite_out: torch.Tensor | None,
+          *arrays: torch.Tensor | None) -> bool:
+    """Whether the compiled call takes a step on ``x``: the parameters and state
+    ``arrays`` (which ``functional._kernels_take`` has checked are of the statistics'
+    dtype and, with x, on one device) contiguous CPU float32 or float64 tensors (None for
+    an absent weight), an int64 CPU ``step`` and boolean CPU flags ``finite_out``."""
+    return (x.is_cpu and arrays[0].dtype in _SUFFIX and step.dtype == torch.int64
+            and step.is_cpu and (finite_out is None or (
+                finite_out.dtype == torch.bool and finite_out.is_cpu
+                and finite_out.is_contiguous()))
+            and all(a is None or a.is_contiguous() for a in arrays))
 
 
 def _address(array: torch.Tensor | None) -> int | None:

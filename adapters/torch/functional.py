@@ -274,8 +274,8 @@ class _NativeRenorm(torch.autograd.Function):
         origin, xs, mean, var = _statistics(x, groups, stat_dtype, shift and not if_needed)
         lib = compiled.library() if (update is not None and running_std is not None
                                      and groups == 1 and clip is None) else None
-        if lib is not None and compiled.takes(x, running_mean, running_std, weight, bias,
-                                              update[2]):
+        if lib is not None and compiled.takes(x, update[0], update[2], running_mean,
+                                              running_std, weight, bias):
             step, momentum, finite_out = update
             call = (RenormState(running_mean, running_std, step), weight, bias, finite_out,
                     tuple(float(v) for v in limits), eps, float(momentum))
@@ -294,16 +294,15 @@ class _NativeRenorm(torch.autograd.Function):
                 mean, std, origin, running_mean, running_std, weight, bias, limits)
         if clip is None:
             y = _transform(xs, scale, shift_, k, offset, mean, var, eps, groups)
-            clipped_z = inside = None
+            clipped_z = z = None
         else:
             k_z = r * inv_std
             z = _transform(xs, r, d, k_z, d.addcmul(mean, k_z, value=-1), mean, var, eps,
                            groups, out_dtype=stat_dtype)
             clipped_z = z.clamp(*clip)
-            inside = clipped_z == z  # low <= z <= high (NaN: False), in one pass
             y = _affine(clipped_z, weight, bias, x.dtype)
-        ctx.eps, ctx.groups, ctx.lib = eps, groups, lib
-        ctx.save_for_backward(xs, scale, k, mean, inv_std, r, d, clipped_z, inside)
+        ctx.eps, ctx.groups, ctx.lib, ctx.clip = eps, groups, lib, clip
+        ctx.save_for_backward(xs, scale, k, mean, inv_std, r, d, clipped_z, z)
         if lib is not None or running_std is None:  # moved in features.c, or no state
             return y
         true_mean = mean if origin is None else mean + origin
@@ -317,14 +316,18 @@ class _NativeRenorm(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor, *unused: Any) -> tuple:
-        xs, scale, k, mean, inv_std, r, d, clipped_z, inside = ctx.saved_tensors
+        xs, scale, k, mean, inv_std, r, d, clipped_z, z = ctx.saved_tensors
         need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
         groups = ctx.groups
-        if clipped_z is not None:
-            dims = _reduce_dims(grad)
-            dweight = torch.sum(grad * clipped_z, dims) if need_weight else None
-            dbias = torch.sum(grad, dims, dtype=clipped_z.dtype) if need_bias else None
-            grad = torch.where(inside, grad, 0)
+        if clipped_z is not None:  # dweight = sum(g * clipped z), then g where z is inside
+            wide = grad.to(z.dtype)
+            origin = torch.zeros(z.shape[1], dtype=z.dtype, device=z.device)
+            _, dweight, dbias = torch.ops.aten.native_batch_norm_backward(
+                wide, clipped_z, None, None, None, origin, origin + 1, True, 0.0,
+                [False, True, True])
+            dweight, dbias = (dweight if need_weight else None), (dbias if need_bias else None)
+            grad = torch.ops.aten.hardtanh_backward(wide, z, *_open_bounds(ctx.clip, z.dtype))
+            grad = grad.to(xs.dtype)
         dx, sum_g_xhat, sum_g = _batch_norm_backward(grad, xs, scale, mean, inv_std, ctx.eps,
                                                      groups, need_x)
         count = xs.numel() // (xs.shape[1] * groups)
@@ -340,6 +343,18 @@ class _NativeRenorm(torch.autograd.Function):
             dweight = _summed(dweight_z, groups) if need_weight else None
             dbias = _summed(sum_g, groups) if need_bias else None
         return dx, dweight, dbias, None, None, None, None, None, None, None, None
+
+
+@lru_cache(maxsize=16)
+def _open_bounds(clip: tuple[float, float], dtype: torch.dtype) -> tuple[float, float]:
+    """The open interval of ``dtype`` values that is the closed ``[low, high]`` the clip
+    passes gradients in (a z exactly at a bound is not clipped): each bound, as
+    ``clamp`` rounds it to ``dtype``, moved one ulp outward.  ``hardtanh``'s backward
+    then masks the gradient in one pass, where a boolean mask takes several.  (A NaN z
+    passes its gradient there; its feature's sums, hence dx, are NaN either way.)"""
+    low, high = torch.tensor(clip, dtype=dtype)
+    return (float(torch.nextafter(low, torch.tensor(-math.inf, dtype=dtype))),
+            float(torch.nextafter(high, torch.tensor(math.inf, dtype=dtype))))
 
 
 def _affine(z: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
