@@ -387,3 +387,20 @@ def test_float32_near_the_shift_threshold_is_within_spec(layout, options, offset
     assert abs(offset - SHIFT_ABOVE) < 0.3
     errors = _offset_step(_native, layout, offset, **options)
     assert all(error <= 1e-5 for error in errors.values()), errors
+
+
+@pytest.mark.usefixtures("core_path_forbidden")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
+@pytest.mark.parametrize("options", [{"micro_batch": 2}, {"micro_batch": 2,
+                                                          "output_clip": (-1.0, 1.5)}],
+                         ids=["micro-batch", "micro-batch-clip"])
+def test_large_micro_batches_run_slice_by_slice_and_match_the_reference(options,
+                                                                      channels_last, dtype):
+    """Micro-batches of 64 Ki values or more take batch norm's kernels one slice at a
+    time (``_slice_by_slice``), held to the reference like the grouped views above."""
+    from portable_brn.adapters.torch.functional import _slice_by_slice
+    shape = (4, 8, 96, 96)
+    assert _slice_by_slice(torch.empty(shape), 2)
+    layer = random_affine(BatchRenorm2d(8, r_max=1.3, d_max=0.4, momentum=0.3, **options))
+    check_training(layer, shape, dtype, 3, channels_last=channels_last)

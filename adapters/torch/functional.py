@@ -89,9 +89,10 @@ def _slices(x: torch.Tensor, groups: int) -> list[torch.Tensor]:
 
 
 def _batch_norm_layout(x: torch.Tensor) -> bool:
-    """Whether batch norm's own kernels beat ``addcmul`` for one group of ``x``: features
-    not innermost, or a 16-bit input (whose ``addcmul`` would run in float32)."""
-    return not _channels_innermost(x) or x.dtype in _HALF_DTYPES
+    """Whether batch norm's own kernels beat ``addcmul`` for one group of ``x``: all but
+    float32/float64 ``(N, C)`` rows (16-bit ``addcmul`` would run in float32; on
+    channels-last images batch norm's backward beats the sums and two ``addcmul``)."""
+    return x.dim() > 2 or not _channels_innermost(x) or x.dtype in _HALF_DTYPES
 
 
 def _groups(x: torch.Tensor, micro_batch: int | None) -> int:
@@ -380,12 +381,22 @@ def _transform(xs: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, k: to
                offset: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float,
                groups: int, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """``(x - mean) * inv_std * scale + shift`` per (group, feature), i.e. ``x * k + offset``,
-    rounded once to ``out_dtype`` (default x's).  One group of features that are not
-    innermost uses batch norm's inference kernel; everything else one ``addcmul`` over
-    the view."""
+    rounded once to ``out_dtype`` (default x's): batch norm's inference kernel where
+    ``_batch_norm_layout`` (per micro-batch where ``_slice_by_slice``), else one
+    ``addcmul`` over the view."""
     out_dtype = out_dtype or xs.dtype
-    if groups == 1 and _batch_norm_layout(xs) and out_dtype == xs.dtype:
-        return F.batch_norm(xs, mean, var, scale, shift, False, 0.0, eps)
+    if _batch_norm_layout(xs) and out_dtype == xs.dtype:
+        if groups == 1:
+            return F.batch_norm(xs, mean, var, scale, shift, False, 0.0, eps)
+        if _slice_by_slice(xs, groups):
+            y = torch.empty_like(xs)
+            unused = xs.new_empty(0, dtype=mean.dtype)
+            for part, out, *features in zip(_slices(xs, groups), _slices(y, groups), scale,
+                                            shift, mean, var, strict=True):
+                torch.ops.aten.native_batch_norm.out(part, *features, False, 0.0, eps,
+                                                     out=out, save_mean=unused,
+                                                     save_invstd=unused)
+            return y
     view = _grouped(xs, groups)
     y = _addcmul_as(out_dtype, _broadcast(offset, view, groups), view,
                     _broadcast(k, view, groups))
@@ -396,15 +407,32 @@ def _batch_norm_backward(grad: torch.Tensor, xs: torch.Tensor, scale: torch.Tens
                          mean: torch.Tensor, inv_std: torch.Tensor, eps: float, groups: int,
                          need_x: bool) -> tuple:
     """The ``(groups, C)`` sums of ``g * x_hat`` and ``g``, and, where batch norm's own
-    backward computes it with weight ``scale`` (one group, features not innermost), dx
-    (else None)."""
+    backward computes it with weight ``scale`` (``_batch_norm_layout``: one group, or
+    each micro-batch where ``_slice_by_slice``), dx (else None)."""
     if groups == 1 and _batch_norm_layout(xs):
         dx, sum_g_xhat, sum_g = torch.ops.aten.native_batch_norm_backward(
             grad, xs, scale, None, None, mean, inv_std, True, eps, [need_x, True, True])
         return dx, sum_g_xhat, sum_g
+    if _batch_norm_layout(xs) and _slice_by_slice(xs, groups):
+        dx = torch.empty_like(xs) if need_x else None
+        sums = mean.new_empty((2, *mean.shape))
+        for index, (g, x, dx_part) in enumerate(zip(
+                _slices(grad, groups), _slices(xs, groups),
+                _slices(dx, groups) if need_x else [None] * groups, strict=True)):
+            torch.ops.aten.native_batch_norm_backward.out(
+                g, x, scale[index], None, None, mean[index], inv_std[index], True, eps,
+                [need_x, True, True], out0=dx_part if need_x else x.new_empty(0),
+                out1=sums[0, index], out2=sums[1, index])
+        return dx, sums[0], sums[1]
     if groups > 1 and not _channels_innermost(xs) and xs.dtype == mean.dtype:
         return None, *_grouped_sums(grad, xs, mean, inv_std, groups)
     return None, *_per_slice_sums(grad, xs, mean, inv_std, eps, groups)
+
+
+def _slice_by_slice(x: torch.Tensor, groups: int) -> bool:
+    """Whether batch norm's kernels run micro-batch by micro-batch (eager mode, slices of
+    at least 64 Ki values, where their speed outweighs a call per slice)."""
+    return x.numel() // groups >= 1 << 16 and not torch.compiler.is_compiling()
 
 
 def _grouped_sums(grad: torch.Tensor, xs: torch.Tensor, mean: torch.Tensor,
