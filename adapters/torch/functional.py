@@ -138,8 +138,11 @@ def _per_group_stats(x: torch.Tensor, groups: int, stat_dtype: torch.dtype,
     ``torch.compile`` (whose tracer lacks a fake kernel for ``batch_norm_update_stats``
     once a process has compiled another graph with it) one ``var_mean`` the compiler
     fuses with any cast."""
+    compiling = torch.compiler.is_compiling()
+    if groups == 1 and x.dtype == stat_dtype and not compiling:
+        return torch.batch_norm_update_stats(x, None, None, 0.0)
     scratch = None
-    if torch.compiler.is_compiling():
+    if compiling:
         var, mean = torch.var_mean(_grouped(x, groups).to(stat_dtype),
                                    _reduce_dims(x) if groups == 1 else
                                    [1, *range(3, x.dim() + 1)], correction=0)
@@ -252,6 +255,59 @@ def _backward_features(sum_g_xhat: torch.Tensor, sum_g: torch.Tensor,
     return x_scale, dx_shift, torch.addcmul(sum_g_xhat * r, d, sum_g)
 
 
+class _Step:
+    """The batch statistics of a training step (of x shifted where ``shift`` and needed:
+    see ``_NativeRenorm``) and its per-feature rows (``_tensor_features``).  With
+    ``update`` ``(step, momentum, finite_out)`` and a step ``features.c`` takes, the rows
+    come from it and the state has moved (``lib`` is then the library); otherwise
+    ``move_tensor_state`` moves it."""
+
+    def __init__(self, x: torch.Tensor, groups: int, shift: bool,
+                 running_mean: torch.Tensor | None, running_std: torch.Tensor | None,
+                 weight: torch.Tensor | None, bias: torch.Tensor | None, limits: tuple,
+                 eps: float, update: tuple | None) -> None:
+        stat_dtype = torch.float32 if x.dtype in _HALF_DTYPES else x.dtype
+        if_needed = shift and x.is_cpu and not torch.compiler.is_compiling()
+        self.origin, self.xs, self.mean, self.var = _statistics(x, groups, stat_dtype,
+                                                                shift and not if_needed)
+        self.groups, self.running = groups, (running_mean, running_std)
+        self.lib = None
+        if update is not None and running_std is not None and groups == 1:
+            self.lib = compiled.library()
+        if self.lib is not None and compiled.takes(x, update[0], update[2], running_mean,
+                                                   running_std, weight, bias):
+            step, momentum, finite_out = update
+            call = (RenormState(running_mean, running_std, step), weight, bias, finite_out,
+                    tuple(float(v) for v in limits), eps, float(momentum))
+            rows = compiled.forward_features(self.lib, self.mean, self.var, None, *call,
+                                             SHIFT_ABOVE if if_needed else 0.0)
+            if rows is None:  # far from zero: shift; the state has not moved
+                self.origin, self.xs, self.mean, self.var = _statistics(x, groups,
+                                                                        stat_dtype, True)
+                rows = compiled.forward_features(self.lib, self.mean, self.var, self.origin,
+                                                 *call, 0.0)
+            self.rows = rows  # unpacked by rows, like the tensor path's tuple
+            return
+        self.lib = None
+        if if_needed and _needs_shift(self.mean, self.var, eps):
+            self.origin, self.xs, self.mean, self.var = _statistics(x, groups, stat_dtype,
+                                                                    True)
+        self.std = torch.add(self.var, eps).sqrt_()
+        self.rows = _tensor_features(self.mean, self.std, self.origin, running_mean,
+                                     running_std, weight, bias, limits)
+
+    def pooled(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch mean and std the state moves toward: over micro-batches, their mean."""
+        mean = self.mean if self.origin is None else self.mean + self.origin
+        if self.groups == 1:
+            return mean, self.std
+        return mean.mean(0), self.std.mean(0)
+
+    def move_tensor_state(self, step: torch.Tensor, momentum: Any,
+                          finite_out: torch.Tensor | None) -> None:
+        _moved_state(*self.running, *self.pooled(), step, momentum, finite_out)
+
+
 class _NativeRenorm(torch.autograd.Function):
     """One training step on batch norm's kernels: returns ``y``, and the pooled batch mean
     and std the moving statistics move toward (no gradient) when ``update`` is None.
@@ -270,47 +326,26 @@ class _NativeRenorm(torch.autograd.Function):
                 running_std: torch.Tensor | None, limits: tuple, eps: float, groups: int,
                 clip: tuple[float, float] | None, shift: bool, update: tuple | None,
                 ) -> Any:
-        stat_dtype = torch.float32 if x.dtype in _HALF_DTYPES else x.dtype
-        if_needed = shift and x.is_cpu and not torch.compiler.is_compiling()
-        origin, xs, mean, var = _statistics(x, groups, stat_dtype, shift and not if_needed)
-        lib = compiled.library() if (update is not None and running_std is not None
-                                     and groups == 1 and clip is None) else None
-        if lib is not None and compiled.takes(x, update[0], update[2], running_mean,
-                                              running_std, weight, bias):
-            step, momentum, finite_out = update
-            call = (RenormState(running_mean, running_std, step), weight, bias, finite_out,
-                    tuple(float(v) for v in limits), eps, float(momentum))
-            rows = compiled.forward_features(lib, mean, var, None, *call,
-                                             SHIFT_ABOVE if if_needed else 0.0)
-            if rows is None:  # far from zero: shift; the state has not moved
-                origin, xs, mean, var = _statistics(x, groups, stat_dtype, True)
-                rows = compiled.forward_features(lib, mean, var, origin, *call, 0.0)
-            inv_std, r, d, scale, shift_, k, offset = rows.unbind()
-        else:
-            lib = None
-            if if_needed and _needs_shift(mean, var, eps):
-                origin, xs, mean, var = _statistics(x, groups, stat_dtype, True)
-            std = torch.add(var, eps).sqrt_()
-            inv_std, r, d, scale, shift_, k, offset = _tensor_features(
-                mean, std, origin, running_mean, running_std, weight, bias, limits)
+        step = _Step(x, groups, shift, running_mean, running_std, weight, bias, limits, eps,
+                     update if clip is None else None)
+        if update is not None and step.lib is None:
+            step.move_tensor_state(*update)
+        inv_std, r, d, scale, shift_, k, offset = step.rows
+        xs, mean, var, lib = step.xs, step.mean, step.var, step.lib
         if clip is None:
             y = _transform(xs, scale, shift_, k, offset, mean, var, eps, groups)
             clipped_z = z = None
         else:
             k_z = r * inv_std
             z = _transform(xs, r, d, k_z, d.addcmul(mean, k_z, value=-1), mean, var, eps,
-                           groups, out_dtype=stat_dtype)
+                           groups, out_dtype=mean.dtype)
             clipped_z = z.clamp(*clip)
             y = _affine(clipped_z, weight, bias, x.dtype)
         ctx.eps, ctx.groups, ctx.lib, ctx.clip = eps, groups, lib, clip
         ctx.save_for_backward(xs, scale, k, mean, inv_std, r, d, clipped_z, z)
-        if lib is not None or running_std is None:  # moved in features.c, or no state
+        if update is not None or running_std is None:  # the state has moved, or none
             return y
-        true_mean = mean if origin is None else mean + origin
-        pooled = (true_mean, std) if groups == 1 else (true_mean.mean(0), std.mean(0))
-        if update is not None:
-            _moved_state(running_mean, running_std, *pooled, *update)
-            return y
+        pooled = step.pooled()
         ctx.mark_non_differentiable(*pooled)
         return (y, *pooled)
 
@@ -360,9 +395,13 @@ def _open_bounds(clip: tuple[float, float], dtype: torch.dtype) -> tuple[float, 
 
 def _affine(z: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
             dtype: torch.dtype) -> torch.Tensor:
-    """``weight * z + bias`` (per feature) rounded once to ``dtype``."""
+    """``weight * z + bias`` (per feature) rounded once to ``dtype``: batch norm's
+    inference kernel with mean 0 and variance 1 (exact) where ``_batch_norm_layout``."""
     if weight is None:
         return z.to(dtype)
+    if dtype == z.dtype and _batch_norm_layout(z) and not torch.compiler.is_compiling():
+        zero = torch.zeros_like(weight)
+        return F.batch_norm(z, zero, zero + 1, weight, bias, False, 0.0, 0.0)
     return _addcmul_as(dtype, _broadcast(bias, z, 1), z, _broadcast(weight, z, 1))
 
 
@@ -490,14 +529,33 @@ def _moved_state(running_mean: torch.Tensor, running_std: torch.Tensor, mean: to
         finite_out.copy_(finite)
 
 
+def _rows_train(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                state: RenormState, limits: tuple, eps: float, shift: bool, update: tuple,
+                ) -> torch.Tensor:
+    """The eager step on float32/float64 ``(N, C)`` rows (one group, no clip), where a
+    step costs little and a Python ``autograd.Function`` much: r and d from the batch
+    statistics (the state moved), then batch norm's own training op with them folded
+    into its weight and bias.  Its native backward is specification section 4's (r and d
+    carry no gradient); the price is a second statistics pass inside it."""
+    with torch.no_grad():
+        step = _Step(x, 1, shift, state.mean, state.std, weight, bias, limits, eps, update)
+        if step.lib is None:
+            step.move_tensor_state(*update)
+    r, d = step.rows[1], step.rows[2]
+    xs = x if step.origin is None else x - step.origin
+    scale, shift = (r, d) if weight is None else (weight * r, torch.addcmul(bias, weight, d))
+    return torch.batch_norm(xs, scale, shift, None, None, True, 0.0, eps, False)
+
+
 def _native_train(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                   state: RenormState | None, config: RenormConfig,
                   finite_out: torch.Tensor | None = None) -> torch.Tensor:
     """The native training step; updates ``state``'s tensors in place (None: no state,
     r = 1 and d = 0)."""
     groups = _groups(x, config.micro_batch)
-    # float32 wherever the transform is an addcmul; float64 where the grouped statistics
-    # are plain sums (E[x^2] - E[x]^2)
+    # shifted where far from zero the statistics would lose float32 accuracy: float32
+    # features innermost, micro-batched or clipped; float64 where grouped statistics are
+    # plain sums (E[x^2] - E[x]^2)
     shift = (x.dtype == torch.float32 and (
         groups > 1 or config.output_clip is not None or _channels_innermost(x))) or (
         x.dtype == torch.float64 and groups > 1 and not _channels_innermost(x))
@@ -507,9 +565,11 @@ def _native_train(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tens
     limits = clip_limits(config, state.step, state.std.dtype)
     momentum = momentum_at(config, state.step, state.std.dtype)
     if not torch.compiler.is_compiling():
+        update = (state.step, momentum, finite_out)
+        if groups == 1 and config.output_clip is None and not _batch_norm_layout(x):
+            return _rows_train(x, weight, bias, state, limits, config.eps, shift, update)
         return _NativeRenorm.apply(x, weight, bias, state.mean, state.std, limits,
-                                   config.eps, groups, config.output_clip, shift,
-                                   (state.step, momentum, finite_out))
+                                   config.eps, groups, config.output_clip, shift, update)
     y, batch_mean, batch_std = _NativeRenorm.apply(
         x, weight, bias, state.mean, state.std, limits, config.eps, groups,
         config.output_clip, shift, None)

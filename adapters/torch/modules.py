@@ -296,7 +296,9 @@ class _BatchRenorm(nn.Module):
         if input.shape[1] != self.num_features:
             raise ValueError(f"input has {input.shape[1]} features along dim 1 but "
                              f"{type(self).__name__} has num_features={self.num_features}")
-        reference = self.running_mean if self.running_mean is not None else self.weight
+        reference = self.running_mean
+        if reference is None:
+            reference = self.weight
         if reference is not None and reference.device != input.device:
             raise ValueError(f"input is on {input.device} but {type(self).__name__}'s "
                              f"parameters and buffers are on {reference.device}")
