@@ -74,7 +74,7 @@ def _checked_entry(xp: Any, key: str, value: np.ndarray, like: Any) -> None:
         if not integral or value < 0:
             raise ValueError(f"num_batches_tracked must be a non-negative integer, got "
                              f"{value!r}")
-        if value > xp.iinfo(like.dtype).max:
+        if int(value) > int(xp.iinfo(like.dtype).max):  # exact: no cast of the bound
             raise ValueError(f"num_batches_tracked={value} is beyond the step's {like.dtype}")
         return
     if value.dtype.kind != "f":

@@ -97,8 +97,8 @@ def _layer_accepts(entries: dict[str, Any], dtype: str) -> bool:
         if key == "num_batches_tracked":
             whole = value.dtype.kind in "iu" or (value.dtype.kind == "f" and np.isfinite(value)
                                                  and float(value) == int(value))
-            if not whole or value < 0:
-                return False
+            if not whole or value < 0 or int(value) > np.iinfo(np.int64).max:
+                return False  # the layer's step is int64
             continue
         if value.dtype.kind != "f" or not np.all(np.isfinite(value)):
             return False
@@ -106,6 +106,16 @@ def _layer_accepts(entries: dict[str, Any], dtype: str) -> bool:
         if too_big or (key == "running_std" and not np.all(value.astype(dtype) > 0)):
             return False
     return True
+
+
+@pytest.mark.parametrize("step", [np.float16(0.0), np.float16(2048.0), np.float32(1e6)])
+def test_array_layer_loads_a_whole_floating_step(step: Any) -> None:
+    """A step saved as a whole float loads without casting the int64 bound to its dtype
+    (float16's overflowed: a draw the fuzz test below found)."""
+    layer = BatchRenorm(FEATURES, xp=np, dtype=np.dtype("float32"))
+    entries = {**layer.state_dict(), "num_batches_tracked": np.array(step)}
+    layer.load_state_dict(entries)
+    assert int(layer.state_dict()["num_batches_tracked"]) == int(step)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
