@@ -43,7 +43,7 @@ def test_wheel_holds_adapters_and_conformance_inside_the_package(tmp_path) -> No
                    for f in (ROOT / "conformance").glob("golden.*")
                    if f.suffix in (".npz", ".json")}
     assert "portable_brn/conformance/golden.npz" in conformance
-    adapters.add("portable_brn/adapters/torch/features.c")  # compiled on first use
+    adapters.add("portable_brn/adapters/torch/features.cpp")  # compiled on first use
     for module in sorted(adapters | conformance | {
             "portable_brn/__init__.py", "portable_brn/renorm.py",
             "portable_brn/conformance/reference.py", "portable_brn/reproduce/cli.py",

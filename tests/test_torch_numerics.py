@@ -126,7 +126,7 @@ def _one_step(train, x, grad, weight, bias, mean, std, step, config):
        double=st.booleans(), compiled_features=st.booleans())
 def test_native_path_equals_core_path(rows, channels, spatial, rank, r_max, d_max, momentum,
                                       step, seed, double, compiled_features):
-    """The fast path, with ``features.c`` or tensor ops, is held to the core's generic
+    """The fast path, with ``features.cpp`` or tensor ops, is held to the core's generic
     path: output, gradients and state."""
     assume(rows * spatial ** (rank - 2) >= 4)  # m = 2 or 3: dx is rounding noise
     dtype = torch.float64 if double else torch.float32
@@ -217,12 +217,14 @@ NATIVE_CONFIGS = [
 
 @pytest.fixture(params=["compiled", "tensor"])
 def features(request, monkeypatch):
-    """Each native step twice: per-feature algebra by ``features.c`` and by tensor ops."""
+    """Each native step twice: per-feature algebra by ``features.cpp`` and by tensor ops."""
     from portable_brn.adapters.torch import compiled
     if request.param == "tensor":
         monkeypatch.setattr(compiled, "library", lambda: None)
-    else:
-        assert compiled.library() is not None, "features.c did not build"
+    elif compiled.library() is None:
+        from portable_brn.conformance.ci import in_ci
+        assert not in_ci(), "features.cpp did not build"
+        pytest.skip("features.cpp does not build here (no C++ compiler or ninja)")
     return request.param
 
 

@@ -214,7 +214,7 @@ SHIFT_ABOVE = 3.0
 
 
 def _needs_shift(mean: torch.Tensor, var: torch.Tensor, eps: float) -> bool:
-    """Whether some feature's |mean| exceeds ``SHIFT_ABOVE`` stds (``features.c`` asks
+    """Whether some feature's |mean| exceeds ``SHIFT_ABOVE`` stds (``features.cpp`` asks
     the same)."""
     return bool(torch.any(mean.square() > (var + eps).mul_(SHIFT_ABOVE ** 2)))
 
@@ -223,7 +223,7 @@ def _tensor_features(mean: torch.Tensor, std: torch.Tensor, origin: torch.Tensor
                      running_mean: torch.Tensor | None, running_std: torch.Tensor | None,
                      weight: torch.Tensor | None, bias: torch.Tensor | None, limits: tuple,
                      ) -> tuple[torch.Tensor, ...]:
-    """The per-(group, feature) rows of ``features.c``'s forward in tensor operations:
+    """The per-(group, feature) rows of ``features.cpp``'s forward in tensor operations:
     inv_std, r, d, scale = weight * r, shift = weight * d + bias, k = scale * inv_std and
     offset = shift - mean * k from the batch mean and std (``running_std`` None: r = 1,
     d = 0)."""
@@ -246,7 +246,7 @@ def _backward_features(sum_g_xhat: torch.Tensor, sum_g: torch.Tensor,
                        inv_std: torch.Tensor, k: torch.Tensor, mean: torch.Tensor,
                        r: torch.Tensor, d: torch.Tensor, count: int,
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``features.c``'s backward rows in tensor operations: with
+    """``features.cpp``'s backward rows in tensor operations: with
     ``dx = k * (g - mean(g) - x_hat * mean(g * x_hat))`` (specification section 4, per group)
     written ``g * k + x * x_scale + dx_shift``, x_scale and dx_shift; and
     ``dweight = sum(g * (x_hat * r + d))``."""
@@ -258,7 +258,7 @@ def _backward_features(sum_g_xhat: torch.Tensor, sum_g: torch.Tensor,
 class _Step:
     """The batch statistics of a training step (of x shifted where ``shift`` and needed:
     see ``_NativeRenorm``) and its per-feature rows (``_tensor_features``).  With
-    ``update`` ``(step, momentum, finite_out)`` and a step ``features.c`` takes, the rows
+    ``update`` ``(step, momentum, finite_out)`` and a step ``features.cpp`` takes, the rows
     come from it and the state has moved (``lib`` is then the library); otherwise
     ``move_tensor_state`` moves it."""
 
@@ -318,7 +318,7 @@ class _NativeRenorm(torch.autograd.Function):
     first sample's features when it is far from zero (float32 accuracy at large
     offsets): always under ``torch.compile`` and on CUDA (no branch on a value), only
     where ``_needs_shift`` on the CPU.  ``update`` ``(step, momentum, finite_out)``
-    moves the state here (eager mode; ``features.c`` in the same call as r and d)."""
+    moves the state here (eager mode; ``features.cpp`` in the same call as r and d)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor | None,
@@ -537,6 +537,12 @@ def _rows_train(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor
     statistics (the state moved), then batch norm's own training op with them folded
     into its weight and bias.  Its native backward is specification section 4's (r and d
     carry no gradient); the price is a second statistics pass inside it."""
+    lib = compiled.library()
+    if lib is not None and compiled.takes(x, update[0], update[2], state.mean, state.std,
+                                          weight, bias):
+        return compiled.train_rows(lib, x, weight, bias, state, update[2],
+                                   tuple(float(v) for v in limits), eps, float(update[1]),
+                                   SHIFT_ABOVE if shift else 0.0)
     with torch.no_grad():
         step = _Step(x, 1, shift, state.mean, state.std, weight, bias, limits, eps, update)
         if step.lib is None:
