@@ -27,6 +27,7 @@ __all__ = ["backward_features", "forward_features", "library", "takes", "train_r
 
 _SOURCE = Path(__file__).with_name("features.cpp")
 _FEATURE_DTYPES = (torch.float32, torch.float64)
+_FLAGS = ("-O3", "-fopenmp")  # OpenMP: at::parallel_for's threads, as in torch
 _STALE_LOCK_S = 600  # a build takes under a minute
 
 
@@ -43,7 +44,8 @@ def _build(name: str, directory: Path) -> ModuleType:
     lock = directory / "lock"  # left by a build that was killed: torch would wait forever
     if lock.exists() and time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
         lock.unlink(missing_ok=True)
-    return cpp_extension.load(name, [str(_SOURCE)], extra_cflags=["-O2"],
+    return cpp_extension.load(name, [str(_SOURCE)], extra_cflags=list(_FLAGS),
+                              extra_ldflags=["-fopenmp"],
                               build_directory=str(directory), verbose=False)
 
 
@@ -53,7 +55,7 @@ def library() -> ModuleType | None:
     or None where it cannot be built or ``PORTABLE_BRN_NO_COMPILE`` is set."""
     if os.environ.get("PORTABLE_BRN_NO_COMPILE"):
         return None
-    key = f"{torch.__version__}\0".encode() + _SOURCE.read_bytes()
+    key = f"{torch.__version__}\0{_FLAGS}\0".encode() + _SOURCE.read_bytes()
     digest = hashlib.sha256(key).hexdigest()[:16]
     try:  # RuntimeError: no home directory, compiler or ninja, or a failed build
         return _build(f"portable_brn_features_{digest}", _build_dir(digest))

@@ -10,10 +10,15 @@
 // Arithmetic in double, results rounded once to the tensors' type; functional.py holds
 // the same algebra in tensor operations (_tensor_features, _backward_features,
 // _moved_state), and the tests hold the two to each other and to the reference.
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cmath>
+#include <mutex>
 #include <optional>
+#include <vector>
 
 namespace {
 
@@ -210,10 +215,316 @@ Tensor train_rows(Tensor x, std::optional<Tensor> weight, std::optional<Tensor> 
                            r_max, d_max, momentum, shift_above);
 }
 
+
+// -- output_clip: the transform, clip and affine in one pass; the backward's sums in one
+// pass and dx in another (batch norm's kernels would take three passes and the clip's
+// mask two more).  x (N, C, ...) is contiguous with features innermost ((N, C) rows,
+// channels-last) or outermost after the batch (NCHW); groups micro-batches along dim 0.
+
+struct Layout {
+  int64_t batch, channels, inner, micro;  // inner: values per (sample, feature)
+  bool innermost;
+};
+
+Layout layout_of(const Tensor& x, int64_t groups) {
+  int64_t batch = x.size(0), channels = x.size(1);
+  int64_t inner = batch * channels ? x.numel() / (batch * channels) : 0;
+  bool innermost = x.dim() == 2 || (inner > 1 && x.stride(1) == 1);
+  std::vector<int64_t> features_last{0};
+  for (int64_t d = 2; d < x.dim(); ++d) features_last.push_back(d);
+  features_last.push_back(1);
+  TORCH_CHECK(innermost ? x.permute(features_last).is_contiguous() : x.is_contiguous(),
+              "portable_brn: x must be contiguous, features innermost or NCHW");
+  return {batch, channels, inner, batch / groups, innermost};
+}
+
+template <typename T>
+inline T clip_to(T value, T low, T high) {  // NaN kept, as torch.clamp
+  return value < low ? low : (value > high ? high : value);
+}
+
+template <typename T>
+inline T passes(T z, T low, T high) {  // 1 where the clip passes the gradient, branch-free
+  return static_cast<T>((z >= low) & (z <= high));
+}
+
+// The loops over one run of values: a row of features (per-feature parameters) or a
+// plane of one feature (scalar parameters); restrict-qualified so that they vectorize.
+template <typename X, typename T>
+void forward_row(int64_t n, const X* __restrict__ x, const T* __restrict__ k,
+                 const T* __restrict__ offset, const T* __restrict__ weight,
+                 const T* __restrict__ bias, T low, T high, X* __restrict__ y,
+                 T* __restrict__ z) {
+  for (int64_t c = 0; c < n; ++c) {
+    T zc = static_cast<T>(x[c]) * k[c] + offset[c];
+    z[c] = zc;
+    y[c] = static_cast<X>(weight[c] * clip_to(zc, low, high) + bias[c]);
+  }
+}
+
+template <typename X, typename T>
+void forward_plane(int64_t n, const X* __restrict__ x, T k, T offset, T weight, T bias,
+                   T low, T high, X* __restrict__ y, T* __restrict__ z) {
+  for (int64_t s = 0; s < n; ++s) {
+    T zc = static_cast<T>(x[s]) * k + offset;
+    z[s] = zc;
+    y[s] = static_cast<X>(weight * clip_to(zc, low, high) + bias);
+  }
+}
+
+template <typename X, typename T>
+void sums_row(int64_t n, const X* __restrict__ grad, const T* __restrict__ z,
+              const X* __restrict__ x, const T* __restrict__ mean,
+              const T* __restrict__ inv_std, T low, T high, T* __restrict__ sum_g,
+              T* __restrict__ sum_g_clipped, T* __restrict__ sum_passed,
+              T* __restrict__ sum_passed_xhat) {
+  for (int64_t c = 0; c < n; ++c) {
+    T g = static_cast<T>(grad[c]), zc = z[c], passed = g * passes(zc, low, high);
+    sum_g[c] += g;
+    sum_g_clipped[c] += g * clip_to(zc, low, high);
+    sum_passed[c] += passed;
+    sum_passed_xhat[c] += passed * ((static_cast<T>(x[c]) - mean[c]) * inv_std[c]);
+  }
+}
+
+template <typename X, typename T>
+void sums_plane(int64_t n, const X* __restrict__ grad, const T* __restrict__ z,
+                const X* __restrict__ x, T mean, T inv_std, T low, T high, double* totals) {
+  T sum_g = 0, sum_g_clipped = 0, sum_passed = 0, sum_passed_xhat = 0;
+#pragma omp simd reduction(+ : sum_g, sum_g_clipped, sum_passed, sum_passed_xhat)
+  for (int64_t s = 0; s < n; ++s) {
+    T g = static_cast<T>(grad[s]), zc = z[s], passed = g * passes(zc, low, high);
+    sum_g += g;
+    sum_g_clipped += g * clip_to(zc, low, high);
+    sum_passed += passed;
+    sum_passed_xhat += passed * ((static_cast<T>(x[s]) - mean) * inv_std);
+  }
+  totals[0] += sum_g;
+  totals[1] += sum_g_clipped;
+  totals[2] += sum_passed;
+  totals[3] += sum_passed_xhat;
+}
+
+template <typename X, typename T>
+void dx_row(int64_t n, const X* __restrict__ grad, const T* __restrict__ z,
+            const X* __restrict__ x, const T* __restrict__ k, const T* __restrict__ x_scale,
+            const T* __restrict__ dx_shift, T low, T high, X* __restrict__ dx) {
+  for (int64_t c = 0; c < n; ++c) {
+    T g = static_cast<T>(grad[c]) * passes(z[c], low, high);
+    dx[c] = static_cast<X>(g * k[c] + static_cast<T>(x[c]) * x_scale[c] + dx_shift[c]);
+  }
+}
+
+template <typename X, typename T>
+void dx_plane(int64_t n, const X* __restrict__ grad, const T* __restrict__ z,
+              const X* __restrict__ x, T k, T x_scale, T dx_shift, T low, T high,
+              X* __restrict__ dx) {
+  for (int64_t s = 0; s < n; ++s) {
+    T g = static_cast<T>(grad[s]) * passes(z[s], low, high);
+    dx[s] = static_cast<X>(g * k + static_cast<T>(x[s]) * x_scale + dx_shift);
+  }
+}
+
+// y = weight * clip(z) + bias with z = x * k + offset, per (group, feature).
+template <typename X, typename T>
+void clip_forward_kernel(const Layout& l, const X* x, const T* k, const T* offset,
+                         const T* weight, const T* bias, T low, T high, X* y, T* z) {
+  const int64_t channels = l.channels, inner = l.inner, micro = l.micro;
+  at::parallel_for(0, l.batch, 1, [=](int64_t begin, int64_t end) {
+    for (int64_t sample = begin; sample < end; ++sample) {
+      int64_t group = sample / micro;
+      const T* kg = k + group * channels;
+      const T* og = offset + group * channels;
+      for (int64_t run = 0; run < (l.innermost ? inner : channels); ++run) {
+        if (l.innermost) {
+          int64_t at = (sample * inner + run) * channels;
+          forward_row(channels, x + at, kg, og, weight, bias, low, high, y + at, z + at);
+        } else {
+          int64_t at = (sample * channels + run) * inner;
+          forward_plane(inner, x + at, kg[run], og[run], weight[run], bias[run], low, high,
+                        y + at, z + at);
+        }
+      }
+    }
+  });
+}
+
+// Per (group, feature): sum g, sum g * clip(z), and over the elements the clip passes
+// (low <= z <= high) sum g and sum g * x_hat; in the values' type within a plane or a
+// block of rows, in double across them.
+template <typename X, typename T>
+void clip_sums_kernel(const Layout& l, const X* grad, const T* z, const X* x,
+                      const T* mean, const T* inv_std, T low, T high, int64_t groups,
+                      double* sums) {
+  const int64_t cells = groups * l.channels, channels = l.channels, inner = l.inner;
+  const int64_t micro = l.micro;
+  if (!l.innermost) {  // a thread per (group, feature): contiguous planes
+    at::parallel_for(0, cells, 1, [=](int64_t begin, int64_t end) {
+      for (int64_t cell = begin; cell < end; ++cell) {
+        int64_t group = cell / channels, channel = cell % channels;
+        double totals[4] = {0, 0, 0, 0};
+        for (int64_t sample = group * micro; sample < (group + 1) * micro; ++sample) {
+          int64_t at = (sample * channels + channel) * inner;
+          sums_plane(inner, grad + at, z + at, x + at, mean[cell], inv_std[cell], low, high,
+                     totals);
+        }
+        for (int q = 0; q < 4; ++q) sums[q * cells + cell] = totals[q];
+      }
+    });
+    return;
+  }
+  // features innermost: threads take blocks of rows, each with its own (4, C) sums
+  std::fill(sums, sums + 4 * cells, 0.0);
+  constexpr int64_t kBlock = 64;
+  for (int64_t group = 0; group < groups; ++group) {
+    const int64_t first = group * micro * inner, rows = micro * inner;
+    const T* m = mean + group * channels;
+    const T* inv = inv_std + group * channels;
+    std::mutex merge;
+    at::parallel_for(0, (rows + kBlock - 1) / kBlock, 1, [&](int64_t begin, int64_t end) {
+      std::vector<double> local(4 * channels, 0.0);
+      std::vector<T> part(4 * channels);
+      for (int64_t block = begin; block < end; ++block) {
+        std::fill(part.begin(), part.end(), T(0));
+        T* p = part.data();
+        int64_t last = std::min(first + rows, first + (block + 1) * kBlock);
+        for (int64_t row = first + block * kBlock; row < last; ++row) {
+          int64_t at = row * channels;
+          sums_row(channels, grad + at, z + at, x + at, m, inv, low, high, p, p + channels,
+                   p + 2 * channels, p + 3 * channels);
+        }
+        for (int64_t q = 0; q < 4 * channels; ++q) local[q] += part[q];
+      }
+      std::lock_guard<std::mutex> hold(merge);
+      for (int64_t q = 0; q < 4; ++q) {
+        for (int64_t c = 0; c < channels; ++c) {
+          sums[q * cells + group * channels + c] += local[q * channels + c];
+        }
+      }
+    });
+  }
+}
+
+// dx = g * [low <= z <= high] * k + x * x_scale + dx_shift, per (group, feature).
+template <typename X, typename T>
+void clip_dx_kernel(const Layout& l, const X* grad, const T* z, const X* x, const T* k,
+                    const T* x_scale, const T* dx_shift, T low, T high, X* dx) {
+  const int64_t channels = l.channels, inner = l.inner, micro = l.micro;
+  at::parallel_for(0, l.batch, 1, [=](int64_t begin, int64_t end) {
+    for (int64_t sample = begin; sample < end; ++sample) {
+      int64_t group = sample / micro;
+      const T* kg = k + group * channels;
+      const T* sg = x_scale + group * channels;
+      const T* hg = dx_shift + group * channels;
+      for (int64_t run = 0; run < (l.innermost ? inner : channels); ++run) {
+        if (l.innermost) {
+          int64_t at = (sample * inner + run) * channels;
+          dx_row(channels, grad + at, z + at, x + at, kg, sg, hg, low, high, dx + at);
+        } else {
+          int64_t at = (sample * channels + run) * inner;
+          dx_plane(inner, grad + at, z + at, x + at, kg[run], sg[run], hg[run], low, high,
+                   dx + at);
+        }
+      }
+    }
+  });
+}
+
+// Per (group, feature) mean and biased variance of NCHW-contiguous x: the sums of x and
+// x^2 in double, one pass (torch's NCHW statistics kernel takes about as long as a
+// whole batch-norm forward on a 25 MB input).  Double keeps E[x^2] - E[x]^2 within
+// float32's reach up to offsets of 1e4 stds.  functional.py calls it for float32
+// inputs; float64 keeps torch's two-pass kernel, 16-bit its faster mixed-type one.
+void batch_stats_kernel(const Layout& l, const float* x, int64_t groups, double* out) {
+  const int64_t cells = groups * l.channels, channels = l.channels, inner = l.inner;
+  const int64_t micro = l.micro;
+  at::parallel_for(0, cells, 1, [=](int64_t begin, int64_t end) {
+    for (int64_t cell = begin; cell < end; ++cell) {
+      int64_t group = cell / channels, channel = cell % channels;
+      double sum = 0, sum_squares = 0;
+      for (int64_t sample = group * micro; sample < (group + 1) * micro; ++sample) {
+        const float* __restrict__ plane = x + (sample * channels + channel) * inner;
+#pragma omp simd reduction(+ : sum, sum_squares)
+        for (int64_t s = 0; s < inner; ++s) {
+          double value = static_cast<double>(plane[s]);
+          sum += value;
+          sum_squares += value * value;
+        }
+      }
+      double count = static_cast<double>(micro * inner), mean = sum / count;
+      out[cell] = mean;
+      out[cells + cell] = std::max(sum_squares / count - mean * mean, 0.0);
+    }
+  });
+}
+
+// (2, groups, C) float32: mean and biased variance per (group, feature).
+Tensor batch_stats(Tensor x, int64_t groups) {
+  Layout l = layout_of(x, groups);
+  TORCH_CHECK(!l.innermost, "portable_brn: batch_stats takes NCHW-contiguous x");
+  Tensor out = at::empty({2, groups, l.channels}, x.options().dtype(at::kDouble));
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "portable_brn: batch_stats takes float32 x");
+  batch_stats_kernel(l, x.data_ptr<float>(), groups, out.data_ptr<double>());
+  return out.to(at::kFloat);
+}
+
+// y (x's dtype) and z = x * k + offset (the parameters' dtype), clip (low, high).
+std::vector<Tensor> clip_forward(Tensor x, Tensor k, Tensor offset,
+                                 std::optional<Tensor> weight, std::optional<Tensor> bias,
+                                 double low, double high, int64_t groups) {
+  Layout l = layout_of(x, groups);
+  Tensor y = at::empty_like(x), z = at::empty_like(x, k.options());
+  Tensor w = weight.has_value() ? *weight : at::ones({l.channels}, k.options());
+  Tensor b = bias.has_value() ? *bias : at::zeros({l.channels}, k.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "clip_forward", [&] {
+    using T = at::opmath_type<scalar_t>;
+    clip_forward_kernel<scalar_t, T>(l, x.data_ptr<scalar_t>(), k.data_ptr<T>(),
+                                     offset.data_ptr<T>(), w.data_ptr<T>(), b.data_ptr<T>(),
+                                     static_cast<T>(low),
+                                     static_cast<T>(high), y.data_ptr<scalar_t>(),
+                                     z.data_ptr<T>());
+  });
+  return {y, z};
+}
+
+// (4, groups, C) in the parameters' dtype: sum g, sum g * clip(z), sum g and
+// sum g * x_hat where the clip passes the gradient.
+Tensor clip_sums(Tensor grad, Tensor z, Tensor x, Tensor mean, Tensor inv_std, double low,
+                 double high, int64_t groups) {
+  Layout l = layout_of(x, groups);
+  Tensor sums = at::empty({4, groups, l.channels}, mean.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "clip_sums", [&] {
+    using T = at::opmath_type<scalar_t>;
+    clip_sums_kernel<scalar_t, T>(l, grad.data_ptr<scalar_t>(), z.data_ptr<T>(),
+                                  x.data_ptr<scalar_t>(), mean.data_ptr<T>(),
+                                  inv_std.data_ptr<T>(), static_cast<T>(low),
+                                  static_cast<T>(high), groups, sums.data_ptr<double>());
+  });
+  return sums.to(mean.scalar_type());
+}
+
+Tensor clip_dx(Tensor grad, Tensor z, Tensor x, Tensor k, Tensor x_scale, Tensor dx_shift,
+               double low, double high, int64_t groups) {
+  Layout l = layout_of(x, groups);
+  Tensor dx = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "clip_dx", [&] {
+    using T = at::opmath_type<scalar_t>;
+    clip_dx_kernel<scalar_t, T>(l, grad.data_ptr<scalar_t>(), z.data_ptr<T>(),
+                                x.data_ptr<scalar_t>(), k.data_ptr<T>(), x_scale.data_ptr<T>(),
+                                dx_shift.data_ptr<T>(), static_cast<T>(low),
+                                static_cast<T>(high), dx.data_ptr<scalar_t>());
+  });
+  return dx;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward_features", &forward_features);
   m.def("backward_features", &backward_features);
   m.def("train_rows", &train_rows);
+  m.def("clip_forward", &clip_forward);
+  m.def("clip_sums", &clip_sums);
+  m.def("clip_dx", &clip_dx);
+  m.def("batch_stats", &batch_stats);
 }

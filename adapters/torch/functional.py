@@ -139,6 +139,12 @@ def _per_group_stats(x: torch.Tensor, groups: int, stat_dtype: torch.dtype,
     once a process has compiled another graph with it) one ``var_mean`` the compiler
     fuses with any cast."""
     compiling = torch.compiler.is_compiling()
+    if (not compiling and x.dtype == torch.float32 and x.is_cpu and x.is_contiguous()
+            and (x.dim() > 2 or x.stride(1) != 1)):  # NCHW: one pass, double sums
+        lib = compiled.library()
+        if lib is not None:
+            mean, var = lib.batch_stats(x, groups)
+            return (mean[0], var[0]) if groups == 1 else (mean, var)
     if groups == 1 and x.dtype == stat_dtype and not compiling:
         return torch.batch_norm_update_stats(x, None, None, 0.0)
     scratch = None
@@ -337,10 +343,17 @@ class _NativeRenorm(torch.autograd.Function):
             clipped_z = z = None
         else:
             k_z = r * inv_std
-            z = _transform(xs, r, d, k_z, d.addcmul(mean, k_z, value=-1), mean, var, eps,
-                           groups, out_dtype=mean.dtype)
-            clipped_z = z.clamp(*clip)
-            y = _affine(clipped_z, weight, bias, x.dtype)
+            offset_z = d.addcmul(mean, k_z, value=-1)
+            fused = _fused_clip(xs, weight)
+            if fused is not None:
+                y, z = fused.clip_forward(xs, k_z, offset_z, weight, bias, *clip, groups)
+                clipped_z = None
+            else:
+                z = _transform(xs, r, d, k_z, offset_z, mean, var, eps, groups,
+                               out_dtype=mean.dtype)
+                clipped_z = z.clamp(*clip)
+                y = _affine(clipped_z, weight, bias, x.dtype)
+            ctx.fused_clip = fused
         ctx.eps, ctx.groups, ctx.lib, ctx.clip = eps, groups, lib, clip
         ctx.save_for_backward(xs, scale, k, mean, inv_std, r, d, clipped_z, z)
         if update is not None or running_std is None:  # the state has moved, or none
@@ -355,6 +368,10 @@ class _NativeRenorm(torch.autograd.Function):
         xs, scale, k, mean, inv_std, r, d, clipped_z, z = ctx.saved_tensors
         need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
         groups = ctx.groups
+        if ctx.clip is not None and ctx.fused_clip is not None:
+            return (*_fused_clip_backward(ctx.fused_clip, grad, xs, k, mean, inv_std, r, d, z,
+                                          ctx.clip, groups, need_x, need_weight, need_bias),
+                    *(None,) * 8)
         if clipped_z is not None:  # dweight = sum(g * clipped z), then g where z is inside
             wide = grad.to(z.dtype)
             origin = torch.zeros(z.shape[1], dtype=z.dtype, device=z.device)
@@ -379,6 +396,39 @@ class _NativeRenorm(torch.autograd.Function):
             dweight = _summed(dweight_z, groups) if need_weight else None
             dbias = _summed(sum_g, groups) if need_bias else None
         return dx, dweight, dbias, None, None, None, None, None, None, None, None
+
+
+def _fused_clip(xs: torch.Tensor, weight: torch.Tensor | None) -> Any:
+    """``features.cpp`` where its clip kernels take ``xs`` (eager, CPU, NCHW-contiguous or
+    packed with features innermost, contiguous parameters), else None."""
+    if not xs.is_cpu or torch.compiler.is_compiling() or not (
+            weight is None or weight.is_contiguous()):
+        return None
+    inner = xs.numel() // (xs.shape[0] * xs.shape[1])
+    packed = (xs.permute(0, *range(2, xs.dim()), 1).is_contiguous()
+              if xs.dim() > 2 and inner > 1 and xs.stride(1) == 1 else xs.is_contiguous())
+    return compiled.library() if packed else None
+
+
+def _fused_clip_backward(lib: Any, grad: torch.Tensor, xs: torch.Tensor, k: torch.Tensor,
+                         mean: torch.Tensor, inv_std: torch.Tensor, r: torch.Tensor,
+                         d: torch.Tensor, z: torch.Tensor, clip: tuple[float, float],
+                         groups: int, need_x: bool, need_weight: bool, need_bias: bool,
+                         ) -> tuple:
+    """dx, dweight and dbias of a clipped step by ``features.cpp``: the sums in one pass
+    over g, z and x, dx in another (g passes where ``low <= z <= high``)."""
+    if grad.stride() != xs.stride():
+        grad = torch.empty_like(xs).copy_(grad)
+    sums = lib.clip_sums(grad, z, xs, mean, inv_std, *clip, groups)
+    sum_g, sum_g_clipped, sum_passed, sum_passed_xhat = sums[:, 0] if groups == 1 else sums
+    dx = None
+    if need_x:
+        count = xs.numel() // (xs.shape[1] * groups)
+        x_scale, dx_shift, _ = _backward_features(sum_passed_xhat, sum_passed, inv_std, k,
+                                                  mean, r, d, count)
+        dx = lib.clip_dx(grad, z, xs, k, x_scale, dx_shift, *clip, groups)
+    return (dx, _summed(sum_g_clipped, groups) if need_weight else None,
+            _summed(sum_g, groups) if need_bias else None)
 
 
 @lru_cache(maxsize=16)
