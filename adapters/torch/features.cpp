@@ -187,6 +187,7 @@ struct RowsRenorm : public torch::autograd::Function<RowsRenorm> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    at::NoGradGuard once_differentiable;  // as the Python paths: dx of dx does not exist
     auto saved = ctx->get_saved_variables();
     const Tensor &xs = saved[0], &mean = saved[1], &rows = saved[2], &grad = grads[0];
     auto [unused, sum_g_xhat, sum_g] = at::native_batch_norm_backward(

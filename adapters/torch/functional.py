@@ -1,30 +1,32 @@
 """``batch_renorm``: batch renormalization as a function, in the manner of
 ``torch.nn.functional.batch_norm``, and the computation behind the PyTorch layers.
 
-Every configuration trains on PyTorch's own batch-norm kernels (``_NativeRenorm``, an
-``autograd.Function`` whose backward is specification section 4: r, d and the moving statistics
-are constants, gradients flow through the batch mean and std):
+Every configuration trains natively, with specification section 4's backward (r, d and
+the moving statistics are constants; gradients flow through the batch mean and std):
 
-- one statistics pass: ``torch.batch_norm_update_stats`` per micro-batch (a slice of
-  the batch along dim 0, a view), or contiguous sums over a ``(groups, micro_batch, C,
-  spatial)`` view for micro-batched NCHW, or ``var_mean`` under ``torch.compile``;
-  statistics in float32 for float16/bfloat16 inputs;
-- r and d folded into the affine weights, so the output is one transform
-  ``y = x_hat * (weight * r) + (weight * d + bias)``: batch norm's inference kernel, or
-  one ``addcmul`` over a ``(groups, micro_batch, C, ...)`` view whose per-(group,
-  feature) factors broadcast, rounded once to the input dtype; ``output_clip`` clamps
-  ``z = x_hat * r + d`` and keeps the clip's mask for the backward;
-- the backward's per-feature sums from ``native_batch_norm_backward`` (or the same
-  sums and dot products for micro-batched NCHW), then dx by batch norm's own kernel or
-  two ``addcmul`` passes.
+- ``(N, C)`` rows, eagerly on the CPU: the whole step is one C++ autograd node
+  (``features.cpp``'s ``train_rows``), whose fixed cost per call is close to batch
+  norm's; without the compiled code, r and d (state moved) and then batch norm's own
+  training op with them folded into its weight and bias (``_rows_train``).
+- everything else, ``_NativeRenorm`` (a Python ``autograd.Function``): one statistics
+  pass (``batch_norm_update_stats``, float32 for 16-bit inputs; for float32 NCHW one
+  double-accumulated pass of ``features.cpp``; grouped sums or ``var_mean`` for
+  micro-batches, ``var_mean`` under ``torch.compile``); the per-feature algebra and the
+  state update in one compiled call (``_Step``); r and d folded into the affine weights,
+  ``y = x_hat * (weight * r) + (weight * d + bias)``, by batch norm's inference kernel
+  (per micro-batch for large slices) or one ``addcmul`` over a ``(groups, micro_batch,
+  C, ...)`` view; batch norm's backward, or its sums and two ``addcmul`` passes.
+  ``output_clip`` runs ``features.cpp``'s fused passes: transform, clip and affine in
+  one; the backward's sums in one; dx in one.
 
-Where features are the innermost dimension (``(N, C)`` rows, channels-last) or the
-transform is an ``addcmul``, float32 inputs are first shifted by their first sample's
-features: the statistics, the transform and the backward then work on values of the
-order of the batch's spread rather than of its mean, which keeps the specification's 1e-5 at inputs
-like ``100 + N(0, 1)`` (one more pass over x).  Statistics synchronised across
-processes (``replica_mean``) use the core's generic path, ``_CoreRenorm``.  The tests
-hold the native path to the core and to a float64 reference within specification section 6.
+Float32 inputs far from zero (some feature's |mean| above ``SHIFT_ABOVE`` stds) are
+first shifted by their first sample's features where features are innermost,
+micro-batched or clipped: the statistics, the transform and the backward then work on
+values of the order of the batch's spread, which keeps the specification's 1e-5 at inputs like
+``100 + N(0, 1)`` for one more pass over x.  Statistics synchronised across processes
+(``replica_mean``) and masks use the core's generic path, ``_CoreRenorm``.  The tests
+hold every path, with and without the compiled code, to the core and to a float64
+reference within specification section 6.
 """
 
 from __future__ import annotations

@@ -117,14 +117,17 @@ class _BatchRenorm(nn.Module):
     as in ``RenormConfig``.  ``momentum=None`` is batch norm's cumulative moving average
     (weight ``1 / num_batches_tracked`` for the new value).
 
-    Every configuration trains on PyTorch's native batch-norm kernels with r and d folded
-    into the affine weights (``portable_brn.adapters.torch.functional.batch_renorm``):
+    Every configuration trains natively (``portable_brn.adapters.torch.functional``):
     float32/float64 inputs of the layer's dtype and 16-bit inputs of a float32 layer
     (statistics and state in float32, output in the input dtype, e.g. under
-    ``torch.autocast``), with or without ``micro_batch`` and ``output_clip``.  Inputs of
-    another dtype and synchronised statistics take the core's generic path.  Both have
-    specification section 4's gradients; neither supports double backward.  ``torch.compile``
-    traces the native path whole (``fullgraph=True``).
+    ``torch.autocast``), with or without ``micro_batch`` and ``output_clip``.  On the CPU
+    the per-feature algebra, ``(N, C)`` steps and clipping run in C++ code compiled on the
+    first training step (under a minute, once per machine; ``PORTABLE_BRN_NO_COMPILE=1``
+    or no C++ compiler: tensor operations instead).  Inputs of another dtype and
+    synchronised statistics take the core's generic path.  All have specification section 4's
+    gradients and no second derivative (backpropagating through a gradient taken with
+    ``create_graph=True`` raises).  ``torch.compile`` traces the native path whole
+    (``fullgraph=True``).
 
     After each training step the non-persistent buffer ``last_finite`` says, per feature,
     whether the batch statistics were finite; where they were not, the running
