@@ -326,28 +326,41 @@ void dx_plane(int64_t n, const X* __restrict__ grad, const T* __restrict__ z,
   }
 }
 
+// Calls row(at, group) for each row of features (features innermost) or
+// plane(at, group, channel) for each plane of one feature (NCHW), at its offset in x;
+// the samples split between torch's threads.
+template <typename Row, typename Plane>
+void for_each_run(const Layout& l, Row row, Plane plane) {
+  const int64_t channels = l.channels, inner = l.inner, micro = l.micro;
+  const bool innermost = l.innermost;
+  at::parallel_for(0, l.batch, 1, [=](int64_t begin, int64_t end) {
+    for (int64_t sample = begin; sample < end; ++sample) {
+      int64_t group = sample / micro;
+      if (innermost) {
+        for (int64_t s = 0; s < inner; ++s) row((sample * inner + s) * channels, group);
+      } else {
+        for (int64_t c = 0; c < channels; ++c) plane((sample * channels + c) * inner, group, c);
+      }
+    }
+  });
+}
+
 // y = weight * clip(z) + bias with z = x * k + offset, per (group, feature).
 template <typename X, typename T>
 void clip_forward_kernel(const Layout& l, const X* x, const T* k, const T* offset,
                          const T* weight, const T* bias, T low, T high, X* y, T* z) {
-  const int64_t channels = l.channels, inner = l.inner, micro = l.micro;
-  at::parallel_for(0, l.batch, 1, [=](int64_t begin, int64_t end) {
-    for (int64_t sample = begin; sample < end; ++sample) {
-      int64_t group = sample / micro;
-      const T* kg = k + group * channels;
-      const T* og = offset + group * channels;
-      for (int64_t run = 0; run < (l.innermost ? inner : channels); ++run) {
-        if (l.innermost) {
-          int64_t at = (sample * inner + run) * channels;
-          forward_row(channels, x + at, kg, og, weight, bias, low, high, y + at, z + at);
-        } else {
-          int64_t at = (sample * channels + run) * inner;
-          forward_plane(inner, x + at, kg[run], og[run], weight[run], bias[run], low, high,
-                        y + at, z + at);
-        }
-      }
-    }
-  });
+  const int64_t channels = l.channels, inner = l.inner;
+  for_each_run(
+      l,
+      [=](int64_t at, int64_t group) {
+        forward_row(channels, x + at, k + group * channels, offset + group * channels, weight,
+                    bias, low, high, y + at, z + at);
+      },
+      [=](int64_t at, int64_t group, int64_t c) {
+        int64_t cell = group * channels + c;
+        forward_plane(inner, x + at, k[cell], offset[cell], weight[c], bias[c], low, high,
+                      y + at, z + at);
+      });
 }
 
 // Per (group, feature): sum g, sum g * clip(z), and over the elements the clip passes
@@ -410,25 +423,19 @@ void clip_sums_kernel(const Layout& l, const X* grad, const T* z, const X* x,
 template <typename X, typename T>
 void clip_dx_kernel(const Layout& l, const X* grad, const T* z, const X* x, const T* k,
                     const T* x_scale, const T* dx_shift, T low, T high, X* dx) {
-  const int64_t channels = l.channels, inner = l.inner, micro = l.micro;
-  at::parallel_for(0, l.batch, 1, [=](int64_t begin, int64_t end) {
-    for (int64_t sample = begin; sample < end; ++sample) {
-      int64_t group = sample / micro;
-      const T* kg = k + group * channels;
-      const T* sg = x_scale + group * channels;
-      const T* hg = dx_shift + group * channels;
-      for (int64_t run = 0; run < (l.innermost ? inner : channels); ++run) {
-        if (l.innermost) {
-          int64_t at = (sample * inner + run) * channels;
-          dx_row(channels, grad + at, z + at, x + at, kg, sg, hg, low, high, dx + at);
-        } else {
-          int64_t at = (sample * channels + run) * inner;
-          dx_plane(inner, grad + at, z + at, x + at, kg[run], sg[run], hg[run], low, high,
-                   dx + at);
-        }
-      }
-    }
-  });
+  const int64_t channels = l.channels, inner = l.inner;
+  for_each_run(
+      l,
+      [=](int64_t at, int64_t group) {
+        int64_t first = group * channels;
+        dx_row(channels, grad + at, z + at, x + at, k + first, x_scale + first,
+               dx_shift + first, low, high, dx + at);
+      },
+      [=](int64_t at, int64_t group, int64_t c) {
+        int64_t cell = group * channels + c;
+        dx_plane(inner, grad + at, z + at, x + at, k[cell], x_scale[cell], dx_shift[cell], low,
+                 high, dx + at);
+      });
 }
 
 // Per (group, feature) mean and biased variance of NCHW-contiguous x: the sums of x and
