@@ -118,6 +118,12 @@ std::optional<Tensor> forward_rows(const Tensor& mean, const Tensor& var,
                                    const std::optional<Tensor>& bias,
                                    const std::optional<Tensor>& finite, Tensor step,
                                    const Limits& limits) {
+  for (const auto& array : {std::optional<Tensor>(mean), std::optional<Tensor>(var), origin,
+                            std::optional<Tensor>(run_mean), std::optional<Tensor>(run_std),
+                            weight, bias, finite}) {
+    TORCH_CHECK(!array.has_value() || array->is_contiguous(),
+                "portable_brn: per-feature arrays must be contiguous");
+  }
   int64_t n = mean.size(0);
   Tensor out = at::empty({kForwardRows, n}, mean.options());
   bool done = false;

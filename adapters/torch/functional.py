@@ -20,13 +20,13 @@ the moving statistics are constants; gradients flow through the batch mean and s
   one; the backward's sums in one; dx in one.
 
 Float32 inputs far from zero (some feature's |mean| above ``SHIFT_ABOVE`` stds) are
-first shifted by their first sample's features where features are innermost,
-micro-batched or clipped: the statistics, the transform and the backward then work on
-values of the order of the batch's spread, which keeps the specification's 1e-5 at inputs like
-``100 + N(0, 1)`` for one more pass over x.  Statistics synchronised across processes
-(``replica_mean``) and masks use the core's generic path, ``_CoreRenorm``.  The tests
-hold every path, with and without the compiled code, to the core and to a float64
-reference within specification section 6.
+first shifted by their first sample's features (on CUDA, where no value is read back,
+always where features are innermost, micro-batched or clipped): the statistics, the
+transform and the backward then work on values of the order of the batch's spread,
+which keeps the specification's 1e-5 at inputs like ``100 + N(0, 1)`` for one more pass
+over x.  Statistics synchronised across processes (``replica_mean``) and masks use the
+core's generic path, ``_CoreRenorm``.  The tests hold every path, with and without the
+compiled code, to the core and to a float64 reference within specification section 6.
 """
 
 from __future__ import annotations
@@ -119,10 +119,11 @@ def _reduce_dims(x: torch.Tensor) -> list[int]:
 
 
 def _shift_of(x: torch.Tensor, shifted: bool) -> torch.Tensor | None:
-    """The first sample's features (a ``(C,)`` view) when ``x`` is to be shifted."""
+    """The first sample's features, ``(C,)`` and contiguous (a view where features are
+    innermost), when ``x`` is to be shifted."""
     if not shifted:
         return None
-    return x.detach()[(0, slice(None)) + (0,) * (x.dim() - 2)]
+    return x.detach()[(0, slice(None)) + (0,) * (x.dim() - 2)].contiguous()
 
 
 # ---------------------------------------------------------------------------
@@ -611,11 +612,13 @@ def _native_train(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tens
     """The native training step; updates ``state``'s tensors in place (None: no state,
     r = 1 and d = 0)."""
     groups = _groups(x, config.micro_batch)
-    # shifted where far from zero the statistics would lose float32 accuracy: float32
-    # features innermost, micro-batched or clipped; float64 where grouped statistics are
-    # plain sums (E[x^2] - E[x]^2)
+    # shifted where far from zero the statistics or the folded transform would lose
+    # float32 accuracy: float32 on the CPU (only where needed, so free for inputs near
+    # zero), else features innermost, micro-batched or clipped; float64 where grouped
+    # statistics are plain sums (E[x^2] - E[x]^2)
     shift = (x.dtype == torch.float32 and (
-        groups > 1 or config.output_clip is not None or _channels_innermost(x))) or (
+        x.is_cpu or groups > 1 or config.output_clip is not None
+        or _channels_innermost(x))) or (
         x.dtype == torch.float64 and groups > 1 and not _channels_innermost(x))
     if state is None:
         return _NativeRenorm.apply(x, weight, bias, None, None, None, config.eps, groups,
