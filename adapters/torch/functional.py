@@ -281,7 +281,7 @@ class _Step:
                                                                 shift and not if_needed)
         self.groups, self.running = groups, (running_mean, running_std)
         self.lib = None
-        if update is not None and running_std is not None and groups == 1:
+        if update is not None and running_std is not None and groups == 1 and x.is_cpu:
             self.lib = compiled.library()
         if self.lib is not None and compiled.takes(x, update[0], update[2], running_mean,
                                                    running_std, weight, bias):
@@ -590,7 +590,7 @@ def _rows_train(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor
     statistics (the state moved), then batch norm's own training op with them folded
     into its weight and bias.  Its native backward is specification section 4's (r and d
     carry no gradient); the price is a second statistics pass inside it."""
-    lib = compiled.library()
+    lib = compiled.library() if x.is_cpu else None
     if lib is not None and compiled.takes(x, update[0], update[2], state.mean, state.std,
                                           weight, bias):
         return compiled.train_rows(lib, x, weight, bias, state, update[2],
