@@ -314,6 +314,7 @@ class _Step:
 
     def move_tensor_state(self, step: torch.Tensor, momentum: Any,
                           finite_out: torch.Tensor | None) -> None:
+        """Move the state toward ``pooled`` with tensor operations (``_moved_state``)."""
         _moved_state(*self.running, *self.pooled(), step, momentum, finite_out)
 
 
