@@ -5,7 +5,9 @@
 //   some twenty small tensor operations, for the steps functional.py drives;
 // - train_rows: the whole eager step on (N, C) rows as a C++ autograd function, whose
 //   fixed cost per call is close to batch norm's own (a Python autograd.Function costs
-//   more than the step itself on a critic's small batches).
+//   more than the step itself on a critic's small batches);
+// - clip_forward / clip_sums / clip_dx: output_clip's elementwise passes, fused;
+// - batch_stats: float32 NCHW batch statistics in one double-accumulated pass.
 //
 // Arithmetic in double, results rounded once to the tensors' type; functional.py holds
 // the same algebra in tensor operations (_tensor_features, _backward_features,

@@ -148,8 +148,6 @@ def _per_group_stats(x: torch.Tensor, groups: int, stat_dtype: torch.dtype,
         if lib is not None:
             mean, var = lib.batch_stats(x, groups)
             return (mean[0], var[0]) if groups == 1 else (mean, var)
-    if groups == 1 and x.dtype == stat_dtype and not compiling:
-        return torch.batch_norm_update_stats(x, None, None, 0.0)
     scratch = None
     if compiling:
         var, mean = torch.var_mean(_grouped(x, groups).to(stat_dtype),
@@ -280,11 +278,12 @@ class _Step:
         self.origin, self.xs, self.mean, self.var = _statistics(x, groups, stat_dtype,
                                                                 shift and not if_needed)
         self.groups, self.running = groups, (running_mean, running_std)
-        self.lib = None
+        lib = None
         if update is not None and running_std is not None and groups == 1 and x.is_cpu:
-            self.lib = compiled.library()
-        if self.lib is not None and compiled.takes(x, update[0], update[2], running_mean,
-                                                   running_std, weight, bias):
+            lib = compiled.library()
+        if lib is not None and compiled.takes(x, update[0], update[2], running_mean,
+                                              running_std, weight, bias):
+            self.lib = lib
             step, momentum, finite_out = update
             call = (RenormState(running_mean, running_std, step), weight, bias, finite_out,
                     tuple(float(v) for v in limits), eps, float(momentum))
@@ -297,7 +296,7 @@ class _Step:
                                                  *call, 0.0)
             self.rows = rows  # unpacked by rows, like the tensor path's tuple
             return
-        self.lib = None
+        self.lib = None  # the state moves by move_tensor_state
         if if_needed and _needs_shift(self.mean, self.var, eps):
             self.origin, self.xs, self.mean, self.var = _statistics(x, groups, stat_dtype,
                                                                     True)
@@ -587,10 +586,11 @@ def _rows_train(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor
                 state: RenormState, limits: tuple, eps: float, shift: bool, update: tuple,
                 ) -> torch.Tensor:
     """The eager step on float32/float64 ``(N, C)`` rows (one group, no clip), where a
-    step costs little and a Python ``autograd.Function`` much: r and d from the batch
-    statistics (the state moved), then batch norm's own training op with them folded
-    into its weight and bias.  Its native backward is specification section 4's (r and d
-    carry no gradient); the price is a second statistics pass inside it."""
+    step costs little and a Python ``autograd.Function`` much: ``features.cpp``'s C++
+    autograd node on the CPU; else r and d from the batch statistics (the state moved),
+    then batch norm's own training op with them folded into its weight and bias, whose
+    native backward is specification section 4's (r and d carry no gradient) at the price of a
+    second statistics pass inside it."""
     lib = compiled.library() if x.is_cpu else None
     if lib is not None and compiled.takes(x, update[0], update[2], state.mean, state.std,
                                           weight, bias):
