@@ -57,6 +57,14 @@ def test_the_library_builds_where_a_compiler_exists():
     assert compiled.library() is not None
 
 
+def _forward_rows(mean, var, state, weight, bias, finite, limits, eps, momentum, shift_above):
+    """``features.cpp``'s forward rows (7, C) of ``train_step``, the state moved in place;
+    None when x must be shifted first."""
+    return compiled.library().forward_features(mean, var, None, state.mean, state.std, weight,
+                                               bias, finite, state.step, eps, *limits,
+                                               momentum, shift_above)
+
+
 @pytest.mark.parametrize("weighted", [True, False], ids=["affine", "no-affine"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 def test_forward_rows_and_state_equal_the_tensor_operations(dtype, weighted):
@@ -66,8 +74,7 @@ def test_forward_rows_and_state_equal_the_tensor_operations(dtype, weighted):
     limits, eps, momentum = (0.6, 1.7, 0.5), 1e-3, 0.2
     tensor_state = RenormState(*(t.clone() for t in state))
     finite = torch.empty(mean.shape, dtype=torch.bool)
-    rows = compiled.forward_features(compiled.library(), mean, var, None, state, weight, bias,
-                                     finite, limits, eps, momentum, 0.0)
+    rows = _forward_rows(mean, var, state, weight, bias, finite, limits, eps, momentum, 0.0)
     std = torch.add(var, eps).sqrt_()
     expected = functional._tensor_features(mean, std, None, tensor_state.mean,
                                            tensor_state.std, weight, bias, limits)
@@ -89,8 +96,8 @@ def test_backward_rows_equal_the_tensor_operations(dtype):
     sums = [torch.randn(5, generator=generator, dtype=dtype) for _ in range(6)]
     sum_g_xhat, sum_g, inv_std, k, mean, r = sums
     d = torch.randn(5, generator=generator, dtype=dtype)
-    rows = compiled.backward_features(compiled.library(), sum_g_xhat, sum_g, inv_std.abs(), k,
-                                      mean, r, d, 12)
+    rows = compiled.library().backward_features(sum_g_xhat, sum_g, inv_std.abs(), k, mean, r,
+                                                d, 12.0)
     expected = functional._backward_features(sum_g_xhat, sum_g, inv_std.abs(), k, mean, r, d,
                                              12)
     for name, got, want in zip(("x_scale", "dx_shift", "dweight"), rows, expected,
@@ -103,9 +110,8 @@ def test_a_mean_beyond_the_threshold_asks_for_a_shift_and_moves_nothing():
     mean[0], var[0] = 4.0, 1.0  # |mean| = 4 std > SHIFT_ABOVE
     before = [t.clone() for t in state]
     finite = torch.ones(mean.shape, dtype=torch.bool)
-    rows = compiled.forward_features(compiled.library(), mean, var, None, state, weight, bias,
-                                     finite, (0.5, 2.0, 1.0), 0.0, 0.1,
-                                     functional.SHIFT_ABOVE)
+    rows = _forward_rows(mean, var, state, weight, bias, finite, (0.5, 2.0, 1.0), 0.0, 0.1,
+                         functional.SHIFT_ABOVE)
     assert rows is None
     assert all(torch.equal(a, b) for a, b in zip(state, before, strict=True))
     assert finite.all()
@@ -131,7 +137,7 @@ def test_no_compile_setting_falls_back_to_tensor_operations(monkeypatch, fresh_l
 
 
 def test_without_a_compiler_the_layers_warn_once_and_still_train(monkeypatch, fresh_library):
-    def no_compiler(name, directory):
+    def no_compiler(name, directory, flags):
         raise RuntimeError("Error building extension 'portable_brn_features': c++: not found")
     monkeypatch.setattr(compiled, "_build", no_compiler)
     layer = BatchRenorm1d(4)
@@ -180,9 +186,9 @@ def test_a_lock_left_by_a_killed_build_is_cleared(monkeypatch, tmp_path):
     from torch.utils import cpp_extension
     monkeypatch.setattr(cpp_extension, "load", load)
     (tmp_path / "lock").touch()
-    compiled._build("name", tmp_path)
+    compiled._build("name", tmp_path, ())
     assert seen["lock"]
     old = time.time() - 2 * compiled._STALE_LOCK_S
     os.utime(tmp_path / "lock", (old, old))
-    assert compiled._build("name", tmp_path) == "module"
+    assert compiled._build("name", tmp_path, ()) == "module"
     assert not seen["lock"]

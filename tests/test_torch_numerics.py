@@ -200,6 +200,7 @@ NATIVE_CONFIGS = [
     ("2d", BatchRenorm2d, (4, 3, 4, 4), {}, False),
     ("2d-channels-last", BatchRenorm2d, (4, 3, 4, 4), {}, True),
     ("1d-rows", BatchRenorm1d, (16, 5), {}, False),
+    ("no-affine-2d", BatchRenorm2d, (4, 3, 3, 3), {"affine": False}, False),
     ("micro-batch-2d", BatchRenorm2d, (8, 3, 3, 3), {"micro_batch": 2}, False),
     ("micro-batch-channels-last", BatchRenorm2d, (8, 3, 3, 3), {"micro_batch": 4}, True),
     ("micro-batch-1d-rows", BatchRenorm1d, (12, 4), {"micro_batch": 3}, False),

@@ -2,9 +2,10 @@
 
 A small step (a critic's ``(256, 256)`` layer) spends more time dispatching some twenty
 per-feature tensor operations, and in a Python ``autograd.Function``, than in its
-batch-wide kernels.  ``features.cpp`` holds the per-feature algebra as one loop, the
-whole step on ``(N, C)`` rows as a C++ autograd function, ``output_clip``'s fused passes
-and float32 NCHW statistics in one pass.  ``torch.utils.cpp_extension``
+batch-wide kernels; on a large step a Python ``autograd.Function`` still costs some 5%.
+``features.cpp`` holds the per-feature algebra as one loop, the whole step of one group
+as a C++ autograd function, ``output_clip``'s fused passes and float32
+and 16-bit NCHW statistics in one pass.  ``torch.utils.cpp_extension``
 compiles it on the first CPU training step (under a minute, once per machine, torch
 version and source) into ``$XDG_CACHE_HOME/portable_brn``.  Without a C++ compiler or
 ninja, or with ``PORTABLE_BRN_NO_COMPILE=1``, :func:`library` is None and the layers do
@@ -24,11 +25,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["backward_features", "forward_features", "library", "takes", "train_rows"]
+__all__ = ["library", "takes", "train_step"]
 
 _SOURCE = Path(__file__).with_name("features.cpp")
 _FEATURE_DTYPES = (torch.float32, torch.float64)
 _FLAGS = ("-O3", "-fopenmp")  # OpenMP: at::parallel_for's threads, as in torch
+# The vector extensions of torch's own AVX2 kernels, where torch found them on this CPU.
+_VECTOR_FLAGS = ("-mavx2", "-mfma", "-mf16c")
 _STALE_LOCK_S = 600  # a build takes under a minute
 
 
@@ -37,7 +40,14 @@ def _build_dir(digest: str) -> Path:
     return Path(root) / "portable_brn" / f"features-{digest}"
 
 
-def _build(name: str, directory: Path) -> ModuleType:
+def _flags() -> tuple[str, ...]:
+    """The compiler flags: with AVX2, FMA and F16C where torch runs its AVX2 or AVX-512
+    kernels (x86 CPUs that have all three)."""
+    vector = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    return _FLAGS + (_VECTOR_FLAGS if vector else ())
+
+
+def _build(name: str, directory: Path, flags: tuple[str, ...]) -> ModuleType:
     """Compile (or load the cached build of) ``features.cpp`` as module ``name``;
     concurrent processes wait on torch's lock in ``directory``."""
     from torch.utils import cpp_extension
@@ -45,7 +55,7 @@ def _build(name: str, directory: Path) -> ModuleType:
     lock = directory / "lock"  # left by a build that was killed: torch would wait forever
     if lock.exists() and time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
         lock.unlink(missing_ok=True)
-    return cpp_extension.load(name, [str(_SOURCE)], extra_cflags=list(_FLAGS),
+    return cpp_extension.load(name, [str(_SOURCE)], extra_cflags=list(flags),
                               extra_ldflags=["-fopenmp"],
                               build_directory=str(directory), verbose=False)
 
@@ -56,10 +66,11 @@ def library() -> ModuleType | None:
     or None where it cannot be built or ``PORTABLE_BRN_NO_COMPILE`` is set."""
     if os.environ.get("PORTABLE_BRN_NO_COMPILE"):
         return None
-    key = f"{torch.__version__}\0{_FLAGS}\0".encode() + _SOURCE.read_bytes()
+    flags = _flags()
+    key = f"{torch.__version__}\0{flags}\0".encode() + _SOURCE.read_bytes()
     digest = hashlib.sha256(key).hexdigest()[:16]
     try:  # RuntimeError: no home directory, compiler or ninja, or a failed build
-        return _build(f"portable_brn_features_{digest}", _build_dir(digest))
+        return _build(f"portable_brn_features_{digest}", _build_dir(digest), flags)
     except (OSError, RuntimeError, ImportError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         warnings.warn(f"portable_brn could not compile its CPU kernels ({first_line}); "
@@ -81,30 +92,11 @@ def takes(x: torch.Tensor, step: torch.Tensor, finite_out: torch.Tensor | None,
             and all(a is None or a.is_contiguous() for a in arrays))
 
 
-def forward_features(lib: ModuleType, mean: torch.Tensor, var: torch.Tensor,
-                     origin: torch.Tensor | None, state: Any, weight: torch.Tensor | None,
-                     bias: torch.Tensor | None, finite_out: torch.Tensor | None,
-                     limits: tuple[float, float, float], eps: float, momentum: float,
-                     shift_above: float) -> torch.Tensor | None:
-    """The forward rows ``(7, C)`` (inv_std, r, d, scale, shift, k, offset), with the
-    state moved in place; or None, with nothing moved, when some feature's |mean|
-    exceeds ``shift_above`` stds and no ``origin`` was given (x must be shifted first)."""
-    return lib.forward_features(mean, var, origin, state.mean, state.std, weight, bias,
-                                finite_out, state.step, eps, *limits, momentum, shift_above)
-
-
-def backward_features(lib: ModuleType, sum_g_xhat: torch.Tensor, sum_g: torch.Tensor,
-                      inv_std: torch.Tensor, k: torch.Tensor, mean: torch.Tensor,
-                      r: torch.Tensor, d: torch.Tensor, count: int) -> torch.Tensor:
-    """The backward rows ``(3, C)``: x_scale, dx_shift, dweight."""
-    return lib.backward_features(sum_g_xhat, sum_g, inv_std, k, mean, r, d, float(count))
-
-
-def train_rows(lib: ModuleType, x: torch.Tensor, weight: torch.Tensor | None,
+def train_step(lib: ModuleType, x: torch.Tensor, weight: torch.Tensor | None,
                bias: torch.Tensor | None, state: Any, finite_out: torch.Tensor | None,
                limits: tuple[float, float, float], eps: float, momentum: float,
-               shift_above: float) -> torch.Tensor:
-    """The whole training step on ``(N, C)`` rows, a C++ autograd node: y, with the
-    state moved in place."""
-    return lib.train_rows(x, weight, bias, state.mean, state.std, state.step, finite_out,
-                          eps, *limits, momentum, shift_above)
+               shift_above: float, clip: tuple[float, float] | None) -> torch.Tensor:
+    """The whole training step of one group (``clip``: ``output_clip`` or None), a C++
+    autograd node: y, with the state moved in place."""
+    return lib.train_step(x, weight, bias, state.mean, state.std, state.step, finite_out,
+                          eps, *limits, momentum, shift_above, clip)

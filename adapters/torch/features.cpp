@@ -2,12 +2,13 @@
 //
 // - forward_features / backward_features: the per-feature algebra of a training step
 //   (specification sections 3 and 4) and the running-state update, one loop in place of
-//   some twenty small tensor operations, for the steps functional.py drives;
-// - train_rows: the whole eager step on (N, C) rows as a C++ autograd function, whose
-//   fixed cost per call is close to batch norm's own (a Python autograd.Function costs
-//   more than the step itself on a critic's small batches);
+//   some twenty small tensor operations (train_step's parts, which the tests hold to
+//   functional.py's tensor operations);
+// - train_step: the whole eager step of one group as a C++ autograd function,
+//   whose fixed cost per call is close to batch norm's own (a Python autograd.Function
+//   costs more than the step itself on a critic's small batches, and 5% of a large one);
 // - clip_forward / clip_sums / clip_dx: output_clip's elementwise passes, fused;
-// - batch_stats: float32 NCHW batch statistics in one double-accumulated pass.
+// - batch_stats: float32 and 16-bit NCHW batch statistics in one pass.
 //
 // Arithmetic in double, results rounded once to the tensors' type; functional.py holds
 // the same algebra in tensor operations (_tensor_features, _backward_features,
@@ -21,6 +22,10 @@
 #include <mutex>
 #include <optional>
 #include <vector>
+
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -167,63 +172,6 @@ Tensor backward_features(Tensor sum_g_xhat, Tensor sum_g, Tensor inv_std, Tensor
   });
   return out;
 }
-
-// One eager training step on float32/float64 (N, C) rows: batch statistics (of x shifted
-// by its first row where far from zero), the rows and state update above, then
-// y = x * k + offset; the backward takes batch norm's sums and two addcmul passes.
-struct RowsRenorm : public torch::autograd::Function<RowsRenorm> {
-  static Tensor forward(AutogradContext* ctx, Tensor x, std::optional<Tensor> weight,
-                        std::optional<Tensor> bias, Tensor run_mean, Tensor run_std,
-                        Tensor step, std::optional<Tensor> finite, double eps, double r_min,
-                        double r_max, double d_max, double momentum, double shift_above) {
-    Limits limits{eps, r_min, r_max, d_max, momentum, shift_above};
-    auto [mean, var] = at::batch_norm_update_stats(x, {}, {}, 0.0);
-    Tensor xs = x;
-    auto rows = forward_rows(mean, var, std::nullopt, run_mean, run_std, weight, bias,
-                             finite, step, limits);
-    if (!rows.has_value()) {  // far from zero: shift; the state has not moved
-      Tensor origin = x.select(0, 0).clone();
-      xs = x - origin;
-      std::tie(mean, var) = at::batch_norm_update_stats(xs, {}, {}, 0.0);
-      limits.shift_above = 0.0;
-      rows = forward_rows(mean, var, origin, run_mean, run_std, weight, bias, finite, step,
-                          limits);
-    }
-    ctx->save_for_backward({xs, mean, *rows});
-    ctx->saved_data["eps"] = eps;
-    return at::addcmul((*rows)[6], xs, (*rows)[5]);
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    at::NoGradGuard once_differentiable;  // as the Python paths: dx of dx does not exist
-    auto saved = ctx->get_saved_variables();
-    const Tensor &xs = saved[0], &mean = saved[1], &rows = saved[2], &grad = grads[0];
-    auto [unused, sum_g_xhat, sum_g] = at::native_batch_norm_backward(
-        grad, xs, {}, {}, {}, mean, rows[0], true, ctx->saved_data["eps"].toDouble(),
-        {false, true, true});
-    Tensor out = backward_features(sum_g_xhat, sum_g, rows[0], rows[5], mean, rows[1],
-                                   rows[2], static_cast<double>(xs.size(0)));
-    Tensor dx;
-    if (ctx->needs_input_grad(0)) {
-      dx = at::addcmul(out[1], xs, out[0]);
-      dx.addcmul_(grad, rows[5]);
-    }
-    variable_list result(13);
-    result[0] = dx;
-    if (ctx->needs_input_grad(1)) result[1] = out[2];
-    if (ctx->needs_input_grad(2)) result[2] = sum_g;
-    return result;
-  }
-};
-
-Tensor train_rows(Tensor x, std::optional<Tensor> weight, std::optional<Tensor> bias,
-                  Tensor run_mean, Tensor run_std, Tensor step, std::optional<Tensor> finite,
-                  double eps, double r_min, double r_max, double d_max, double momentum,
-                  double shift_above) {
-  return RowsRenorm::apply(x, weight, bias, run_mean, run_std, step, finite, eps, r_min,
-                           r_max, d_max, momentum, shift_above);
-}
-
 
 // -- output_clip: the transform, clip and affine in one pass; the backward's sums in one
 // pass and dx in another (batch norm's kernels would take three passes and the clip's
@@ -446,42 +394,128 @@ void clip_dx_kernel(const Layout& l, const X* grad, const T* z, const X* x, cons
       });
 }
 
-// Per (group, feature) mean and biased variance of NCHW-contiguous x: the sums of x and
-// x^2 in double, one pass (torch's NCHW statistics kernel takes about as long as a
-// whole batch-norm forward on a 25 MB input).  Double keeps E[x^2] - E[x]^2 within
-// float32's reach up to offsets of 1e4 stds.  functional.py calls it for float32
-// inputs; float64 keeps torch's two-pass kernel, 16-bit its faster mixed-type one.
-void batch_stats_kernel(const Layout& l, const float* x, int64_t groups, double* out) {
+// Sums of (v - shift) and of its squares over n values, in float32.
+struct ShiftedSums {
+  float sum, squares;
+};
+
+template <typename S>
+inline float widened(S value) {
+  return static_cast<float>(value);
+}
+
+#ifdef __AVX2__
+// Eight values as float32 lanes: F16C's conversion for float16, a shift for bfloat16
+// (GCC vectorizes neither through c10's scalar conversions).
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline __m256 load8(const c10::BFloat16* p) {
+  __m256i bits = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(bits, 16));
+}
+inline float lane_sum(__m256 v) {
+  __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_add_ss(half, _mm_movehdup_ps(half)));
+}
+#endif
+
+template <typename S>
+ShiftedSums shifted_sums(const S* __restrict__ v, int64_t n, float shift) {
+  int64_t i = 0;
+  float sum = 0, squares = 0;
+#ifdef __AVX2__
+  const __m256 k = _mm256_set1_ps(shift);
+  __m256 s0 = _mm256_setzero_ps(), s1 = s0, q0 = s0, q1 = s0;  // two chains each
+  for (; i + 16 <= n; i += 16) {
+    __m256 a = _mm256_sub_ps(load8(v + i), k), b = _mm256_sub_ps(load8(v + i + 8), k);
+    s0 = _mm256_add_ps(s0, a);
+    s1 = _mm256_add_ps(s1, b);
+    q0 = _mm256_fmadd_ps(a, a, q0);
+    q1 = _mm256_fmadd_ps(b, b, q1);
+  }
+  sum = lane_sum(_mm256_add_ps(s0, s1));
+  squares = lane_sum(_mm256_add_ps(q0, q1));
+#endif
+#pragma omp simd reduction(+ : sum, squares)
+  for (int64_t j = i; j < n; ++j) {
+    float e = widened(v[j]) - shift;
+    sum += e;
+    squares += e * e;
+  }
+  return {sum, squares};
+}
+
+// Per (group, feature) mean and biased variance of NCHW-contiguous x, one pass: runs
+// of kRun values summed in float32 about the running mean so far (no cancellation at
+// any offset), the runs merged in double by Chan et al.'s rule.  Five times faster than
+// torch's NCHW statistics for float32; for 16-bit inputs as fast or faster.
+template <typename S>
+void batch_stats_kernel(const Layout& l, const S* x, int64_t groups, double* out) {
+  constexpr int64_t kRun = 512;
   const int64_t cells = groups * l.channels, channels = l.channels, inner = l.inner;
   const int64_t micro = l.micro;
   at::parallel_for(0, cells, 1, [=](int64_t begin, int64_t end) {
     for (int64_t cell = begin; cell < end; ++cell) {
       int64_t group = cell / channels, channel = cell % channels;
-      double sum = 0, sum_squares = 0;
+      double count = 0, mean = 0, m2 = 0;
+      float shift = inner ? widened(x[(group * micro * channels + channel) * inner]) : 0.f;
       for (int64_t sample = group * micro; sample < (group + 1) * micro; ++sample) {
-        const float* __restrict__ plane = x + (sample * channels + channel) * inner;
-#pragma omp simd reduction(+ : sum, sum_squares)
-        for (int64_t s = 0; s < inner; ++s) {
-          double value = static_cast<double>(plane[s]);
-          sum += value;
-          sum_squares += value * value;
+        const S* plane = x + (sample * channels + channel) * inner;
+        for (int64_t at = 0; at < inner; at += kRun) {
+          int64_t n = std::min(kRun, inner - at);
+          ShiftedSums run = shifted_sums(plane + at, n, shift);
+          double dn = static_cast<double>(n), sum = run.sum;
+          double run_mean = shift + sum / dn, total = count + dn, delta = run_mean - mean;
+          mean += delta * dn / total;
+          m2 += std::max(run.squares - sum * sum / dn, 0.0) + delta * delta * count * dn / total;
+          count = total;
+          shift = static_cast<float>(mean);
         }
       }
-      double count = static_cast<double>(micro * inner), mean = sum / count;
       out[cell] = mean;
-      out[cells + cell] = std::max(sum_squares / count - mean * mean, 0.0);
+      out[cells + cell] = m2 / count;
     }
   });
 }
 
-// (2, groups, C) float32: mean and biased variance per (group, feature).
 Tensor batch_stats(Tensor x, int64_t groups) {
   Layout l = layout_of(x, groups);
   TORCH_CHECK(!l.innermost, "portable_brn: batch_stats takes NCHW-contiguous x");
   Tensor out = at::empty({2, groups, l.channels}, x.options().dtype(at::kDouble));
-  TORCH_CHECK(x.scalar_type() == at::kFloat, "portable_brn: batch_stats takes float32 x");
-  batch_stats_kernel(l, x.data_ptr<float>(), groups, out.data_ptr<double>());
+  auto run = [&](const auto* data) {
+    batch_stats_kernel(l, data, groups, out.data_ptr<double>());
+  };
+  switch (x.scalar_type()) {
+    case at::kFloat: run(x.data_ptr<float>()); break;
+    case at::kHalf: run(x.data_ptr<c10::Half>()); break;
+    case at::kBFloat16: run(x.data_ptr<c10::BFloat16>()); break;
+    default: TORCH_CHECK(false, "portable_brn: batch_stats takes float32 or 16-bit x");
+  }
   return out.to(at::kFloat);
+}
+
+// Batch mean and biased variance of x over every dimension but 1, float32 for 16-bit x:
+// batch_stats for NCHW float32 and 16-bit x, else torch's statistics kernel (its
+// mixed-type one for 16-bit x, which float32 buffers select).
+std::tuple<Tensor, Tensor> moments(const Tensor& x) {
+  bool half = at::isReducedFloatingType(x.scalar_type());
+  if (x.dim() > 2 && x.is_contiguous() && x.scalar_type() != at::kDouble) {
+    Tensor stats = batch_stats(x, 1);
+    return {stats[0][0], stats[1][0]};
+  }
+  if (!half) return at::batch_norm_update_stats(x, {}, {}, 0.0);
+  Tensor scratch = at::empty({2, x.size(1)}, x.options().dtype(at::kFloat));
+  return at::batch_norm_update_stats(x, scratch[0], scratch[1], 0.0);
+}
+
+// x's first sample's features, (C,) contiguous: the origin a far-from-zero x is shifted by.
+Tensor first_features(const Tensor& x) {
+  Tensor origin = x.select(0, 0);
+  while (origin.dim() > 1) origin = origin.select(1, 0);
+  return origin.clone(at::MemoryFormat::Contiguous);
 }
 
 // y (x's dtype) and z = x * k + offset (the parameters' dtype), clip (low, high).
@@ -533,12 +567,120 @@ Tensor clip_dx(Tensor grad, Tensor z, Tensor x, Tensor k, Tensor x_scale, Tensor
   return dx;
 }
 
+// One eager training step of one group, any layout: batch statistics (of x shifted by
+// its first sample's features where far from zero), the rows and state update above,
+// then y = x * k + offset: one addcmul on float32/float64 (N, C) rows, batch norm's
+// inference kernel elsewhere; with `clip` (low, high), the fused clip passes below.  The
+// backward takes batch norm's backward (its sums and two addcmul passes on rows), or
+// the clip's two passes.  As functional.py's _NativeRenorm, without a Python
+// autograd.Function's cost per call.
+struct StepRenorm : public torch::autograd::Function<StepRenorm> {
+  static bool by_addcmul(const Tensor& x) {
+    return x.dim() == 2 && !at::isReducedFloatingType(x.scalar_type());
+  }
+
+  static Tensor forward(AutogradContext* ctx, Tensor x, std::optional<Tensor> weight,
+                        std::optional<Tensor> bias, Tensor run_mean, Tensor run_std,
+                        Tensor step, std::optional<Tensor> finite, double eps, double r_min,
+                        double r_max, double d_max, double momentum, double shift_above,
+                        std::optional<std::vector<double>> clip) {
+    Limits limits{eps, r_min, r_max, d_max, momentum, shift_above};
+    auto [mean, var] = moments(x);
+    Tensor xs = x;
+    auto rows = forward_rows(mean, var, std::nullopt, run_mean, run_std, weight, bias,
+                             finite, step, limits);
+    if (!rows.has_value()) {  // far from zero: shift; the state has not moved
+      Tensor origin = first_features(x);
+      std::vector<int64_t> shape(x.dim(), 1);
+      shape[1] = x.size(1);
+      xs = x - origin.view(shape);
+      std::tie(mean, var) = moments(xs);
+      limits.shift_above = 0.0;
+      rows = forward_rows(mean, var, origin, run_mean, run_std, weight, bias, finite, step,
+                          limits);
+    }
+    ctx->saved_data["eps"] = eps;
+    if (clip.has_value()) {  // z = x_hat * r + d, clipped, then the affine
+      Tensor k_z = at::mul((*rows)[1], (*rows)[0]);
+      Tensor offset_z = at::addcmul((*rows)[2], mean, k_z, -1);
+      auto y_z = clip_forward(xs, k_z, offset_z, weight, bias, (*clip)[0], (*clip)[1], 1);
+      ctx->save_for_backward({xs, mean, *rows, y_z[1]});
+      ctx->saved_data["clip"] = *clip;
+      return y_z[0];
+    }
+    ctx->save_for_backward({xs, mean, *rows});
+    if (by_addcmul(x)) return at::addcmul((*rows)[6], xs, (*rows)[5]);
+    return at::batch_norm(xs, (*rows)[3], (*rows)[4], mean, var, false, 0.0, eps, false);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    at::NoGradGuard once_differentiable;  // as the Python paths: dx of dx does not exist
+    auto saved = ctx->get_saved_variables();
+    const Tensor &xs = saved[0], &mean = saved[1], &rows = saved[2];
+    bool need_x = ctx->needs_input_grad(0);
+    double count = static_cast<double>(xs.numel() / xs.size(1));
+    Tensor dx, dweight, dbias;
+    if (saved.size() > 3) {
+      std::tie(dx, dweight, dbias) = clip_backward(ctx, grads[0], xs, mean, rows, saved[3],
+                                                   count, need_x);
+    } else {
+      std::tie(dx, dweight, dbias) = plain_backward(ctx, grads[0], xs, mean, rows, count,
+                                                    need_x);
+    }
+    variable_list result(14);
+    result[0] = need_x ? dx : Tensor();
+    if (ctx->needs_input_grad(1)) result[1] = dweight;
+    if (ctx->needs_input_grad(2)) result[2] = dbias;
+    return result;
+  }
+
+  static std::tuple<Tensor, Tensor, Tensor> plain_backward(
+      AutogradContext* ctx, const Tensor& grad, const Tensor& xs, const Tensor& mean,
+      const Tensor& rows, double count, bool need_x) {
+    bool by_addcmul = StepRenorm::by_addcmul(xs);
+    auto [dx, sum_g_xhat, sum_g] = at::native_batch_norm_backward(
+        grad, xs, rows[3], {}, {}, mean, rows[0], true, ctx->saved_data["eps"].toDouble(),
+        {need_x && !by_addcmul, true, true});
+    Tensor out = backward_features(sum_g_xhat, sum_g, rows[0], rows[5], mean, rows[1],
+                                   rows[2], count);
+    if (need_x && by_addcmul) {
+      dx = at::addcmul(out[1], xs, out[0]);
+      dx.addcmul_(grad, rows[5]);
+    }
+    return {dx, out[2], sum_g};
+  }
+
+  // dweight = sum(g * clip(z)), dbias = sum(g); dx from the sums where the clip passes g.
+  static std::tuple<Tensor, Tensor, Tensor> clip_backward(
+      AutogradContext* ctx, Tensor grad, const Tensor& xs, const Tensor& mean,
+      const Tensor& rows, const Tensor& z, double count, bool need_x) {
+    auto clip = ctx->saved_data["clip"].toDoubleVector();
+    if (grad.strides() != xs.strides()) grad = at::empty_like(xs).copy_(grad);
+    Tensor sums = clip_sums(grad, z, xs, mean, rows[0], clip[0], clip[1], 1).select(1, 0);
+    Tensor dx;
+    if (need_x) {
+      Tensor out = backward_features(sums[3], sums[2], rows[0], rows[5], mean, rows[1],
+                                     rows[2], count);
+      dx = clip_dx(grad, z, xs, rows[5], out[0], out[1], clip[0], clip[1], 1);
+    }
+    return {dx, sums[1], sums[0]};
+  }
+};
+
+Tensor train_step(Tensor x, std::optional<Tensor> weight, std::optional<Tensor> bias,
+                  Tensor run_mean, Tensor run_std, Tensor step, std::optional<Tensor> finite,
+                  double eps, double r_min, double r_max, double d_max, double momentum,
+                  double shift_above, std::optional<std::vector<double>> clip) {
+  return StepRenorm::apply(x, weight, bias, run_mean, run_std, step, finite, eps, r_min,
+                           r_max, d_max, momentum, shift_above, clip);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward_features", &forward_features);
   m.def("backward_features", &backward_features);
-  m.def("train_rows", &train_rows);
+  m.def("train_step", &train_step);
   m.def("clip_forward", &clip_forward);
   m.def("clip_sums", &clip_sums);
   m.def("clip_dx", &clip_dx);

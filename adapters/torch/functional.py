@@ -4,15 +4,16 @@
 Every configuration trains natively, with specification section 4's backward (r, d and
 the moving statistics are constants; gradients flow through the batch mean and std):
 
-- ``(N, C)`` rows, eagerly on the CPU: the whole step is one C++ autograd node
-  (``features.cpp``'s ``train_rows``), whose fixed cost per call is close to batch
-  norm's; without the compiled code, r and d (state moved) and then batch norm's own
+- one group, eagerly on the CPU: the whole step is one C++ autograd node
+  (``features.cpp``'s ``train_step``, the same computation as ``_NativeRenorm``'s),
+  whose fixed cost per call is close to batch norm's (``_whole_step``); without the
+  compiled code, ``(N, C)`` rows take r and d (state moved) and then batch norm's own
   training op with them folded into its weight and bias (``_rows_train``).
 - everything else, ``_NativeRenorm`` (a Python ``autograd.Function``): one statistics
-  pass (``batch_norm_update_stats``, float32 for 16-bit inputs; for float32 NCHW one
-  double-accumulated pass of ``features.cpp``; grouped sums or ``var_mean`` for
-  micro-batches, ``var_mean`` under ``torch.compile``); the per-feature algebra and the
-  state update in one compiled call (``_Step``); r and d folded into the affine weights,
+  pass (``batch_norm_update_stats``, float32 for 16-bit inputs; for float32 and 16-bit
+  NCHW one pass of ``features.cpp``; grouped sums or ``var_mean`` for micro-batches,
+  ``var_mean`` under ``torch.compile``); the per-feature algebra in tensor operations
+  (``_Step``); r and d folded into the affine weights,
   ``y = x_hat * (weight * r) + (weight * d + bias)``, by batch norm's inference kernel
   (per micro-batch for large slices) or one ``addcmul`` over a ``(groups, micro_batch,
   C, ...)`` view; batch norm's backward, or its sums and two ``addcmul`` passes.
@@ -136,14 +137,16 @@ def _per_group_stats(x: torch.Tensor, groups: int, stat_dtype: torch.dtype,
     """Per-micro-batch mean and biased variance, ``(groups, C)`` (``(C,)`` for one group)
     in ``stat_dtype``.
 
+    On the CPU, float32 and 16-bit NCHW inputs take ``features.cpp``'s one pass (five
+    times faster than torch's NCHW kernel for float32, as fast or faster for 16-bit).  Elsewhere
     16-bit inputs pass float32 scratch buffers with momentum 0, which selects batch
     norm's mixed-dtype kernel: float32 accumulation and float32 results.  Under
     ``torch.compile`` (whose tracer lacks a fake kernel for ``batch_norm_update_stats``
     once a process has compiled another graph with it) one ``var_mean`` the compiler
     fuses with any cast."""
     compiling = torch.compiler.is_compiling()
-    if (not compiling and x.dtype == torch.float32 and x.is_cpu and x.is_contiguous()
-            and (x.dim() > 2 or x.stride(1) != 1)):  # NCHW: one pass, double sums
+    if (not compiling and x.dtype in (torch.float32, *_HALF_DTYPES) and x.is_cpu
+            and x.is_contiguous() and (x.dim() > 2 or x.stride(1) != 1)):  # NCHW: one pass
         lib = compiled.library()
         if lib is not None:
             mean, var = lib.batch_stats(x, groups)
@@ -264,39 +267,18 @@ def _backward_features(sum_g_xhat: torch.Tensor, sum_g: torch.Tensor,
 
 class _Step:
     """The batch statistics of a training step (of x shifted where ``shift`` and needed:
-    see ``_NativeRenorm``) and its per-feature rows (``_tensor_features``).  With
-    ``update`` ``(step, momentum, finite_out)`` and a step ``features.cpp`` takes, the rows
-    come from it and the state has moved (``lib`` is then the library); otherwise
-    ``move_tensor_state`` moves it."""
+    see ``_NativeRenorm``) and its per-feature rows (``_tensor_features``); the state
+    moves by ``move_tensor_state``."""
 
     def __init__(self, x: torch.Tensor, groups: int, shift: bool,
                  running_mean: torch.Tensor | None, running_std: torch.Tensor | None,
                  weight: torch.Tensor | None, bias: torch.Tensor | None, limits: tuple,
-                 eps: float, update: tuple | None) -> None:
+                 eps: float) -> None:
         stat_dtype = torch.float32 if x.dtype in _HALF_DTYPES else x.dtype
         if_needed = shift and x.is_cpu and not torch.compiler.is_compiling()
         self.origin, self.xs, self.mean, self.var = _statistics(x, groups, stat_dtype,
                                                                 shift and not if_needed)
         self.groups, self.running = groups, (running_mean, running_std)
-        lib = None
-        if update is not None and running_std is not None and groups == 1 and x.is_cpu:
-            lib = compiled.library()
-        if lib is not None and compiled.takes(x, update[0], update[2], running_mean,
-                                              running_std, weight, bias):
-            self.lib = lib
-            step, momentum, finite_out = update
-            call = (RenormState(running_mean, running_std, step), weight, bias, finite_out,
-                    tuple(float(v) for v in limits), eps, float(momentum))
-            rows = compiled.forward_features(self.lib, self.mean, self.var, None, *call,
-                                             SHIFT_ABOVE if if_needed else 0.0)
-            if rows is None:  # far from zero: shift; the state has not moved
-                self.origin, self.xs, self.mean, self.var = _statistics(x, groups,
-                                                                        stat_dtype, True)
-                rows = compiled.forward_features(self.lib, self.mean, self.var, self.origin,
-                                                 *call, 0.0)
-            self.rows = rows  # unpacked by rows, like the tensor path's tuple
-            return
-        self.lib = None  # the state moves by move_tensor_state
         if if_needed and _needs_shift(self.mean, self.var, eps):
             self.origin, self.xs, self.mean, self.var = _statistics(x, groups, stat_dtype,
                                                                     True)
@@ -327,7 +309,7 @@ class _NativeRenorm(torch.autograd.Function):
     first sample's features when it is far from zero (float32 accuracy at large
     offsets): always under ``torch.compile`` and on CUDA (no branch on a value), only
     where ``_needs_shift`` on the CPU.  ``update`` ``(step, momentum, finite_out)``
-    moves the state here (eager mode; ``features.cpp`` in the same call as r and d)."""
+    moves the state here (eager mode)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor | None,
@@ -335,12 +317,11 @@ class _NativeRenorm(torch.autograd.Function):
                 running_std: torch.Tensor | None, limits: tuple, eps: float, groups: int,
                 clip: tuple[float, float] | None, shift: bool, update: tuple | None,
                 ) -> Any:
-        step = _Step(x, groups, shift, running_mean, running_std, weight, bias, limits, eps,
-                     update if clip is None else None)
-        if update is not None and step.lib is None:
+        step = _Step(x, groups, shift, running_mean, running_std, weight, bias, limits, eps)
+        if update is not None:
             step.move_tensor_state(*update)
         inv_std, r, d, scale, shift_, k, offset = step.rows
-        xs, mean, var, lib = step.xs, step.mean, step.var, step.lib
+        xs, mean, var = step.xs, step.mean, step.var
         if clip is None:
             y = _transform(xs, scale, shift_, k, offset, mean, var, eps, groups)
             clipped_z = z = None
@@ -357,7 +338,7 @@ class _NativeRenorm(torch.autograd.Function):
                 clipped_z = z.clamp(*clip)
                 y = _affine(clipped_z, weight, bias, x.dtype)
             ctx.fused_clip = fused
-        ctx.eps, ctx.groups, ctx.lib, ctx.clip = eps, groups, lib, clip
+        ctx.eps, ctx.groups, ctx.clip = eps, groups, clip
         ctx.save_for_backward(xs, scale, k, mean, inv_std, r, d, clipped_z, z)
         if update is not None or running_std is None:  # the state has moved, or none
             return y
@@ -387,12 +368,8 @@ class _NativeRenorm(torch.autograd.Function):
         dx, sum_g_xhat, sum_g = _batch_norm_backward(grad, xs, scale, mean, inv_std, ctx.eps,
                                                      groups, need_x)
         count = xs.numel() // (xs.shape[1] * groups)
-        if ctx.lib is not None:
-            x_scale, dx_shift, dweight_z = compiled.backward_features(
-                ctx.lib, sum_g_xhat, sum_g, inv_std, k, mean, r, d, count).unbind()
-        else:
-            x_scale, dx_shift, dweight_z = _backward_features(sum_g_xhat, sum_g, inv_std, k,
-                                                              mean, r, d, count)
+        x_scale, dx_shift, dweight_z = _backward_features(sum_g_xhat, sum_g, inv_std, k, mean,
+                                                          r, d, count)
         if need_x and dx is None:
             dx = _dx_by_addcmul(grad, xs, k, x_scale, dx_shift, groups).to(grad.dtype)
         if clipped_z is None:  # every sum is in the parameters' dtype (_kernels_take)
@@ -582,25 +559,33 @@ def _moved_state(running_mean: torch.Tensor, running_std: torch.Tensor, mean: to
         finite_out.copy_(finite)
 
 
+def _whole_step(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                state: RenormState, limits: tuple, eps: float, shift: bool, update: tuple,
+                clip: tuple[float, float] | None) -> torch.Tensor | None:
+    """The eager step of one group as ``features.cpp``'s C++ autograd node (on the CPU;
+    with a clip where its fused passes take x), whose fixed cost per call is close to
+    batch norm's: y, the state moved; None where the compiled code does not take it."""
+    lib = compiled.library() if x.is_cpu else None
+    if lib is None or not compiled.takes(x, update[0], update[2], state.mean, state.std,
+                                         weight, bias) or (
+            clip is not None and _fused_clip(x, weight) is None):
+        return None
+    return compiled.train_step(lib, x, weight, bias, state, update[2],
+                               tuple(float(v) for v in limits), eps, float(update[1]),
+                               SHIFT_ABOVE if shift else 0.0, clip)
+
+
 def _rows_train(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                 state: RenormState, limits: tuple, eps: float, shift: bool, update: tuple,
                 ) -> torch.Tensor:
-    """The eager step on float32/float64 ``(N, C)`` rows (one group, no clip), where a
-    step costs little and a Python ``autograd.Function`` much: ``features.cpp``'s C++
-    autograd node on the CPU; else r and d from the batch statistics (the state moved),
-    then batch norm's own training op with them folded into its weight and bias, whose
-    native backward is specification section 4's (r and d carry no gradient) at the price of a
+    """The eager step on float32/float64 ``(N, C)`` rows (one group, no clip) without
+    the compiled code: r and d from the batch statistics (the state moved), then batch
+    norm's own training op with them folded into its weight and bias, whose native
+    backward is specification section 4's (r and d carry no gradient) at the price of a
     second statistics pass inside it."""
-    lib = compiled.library() if x.is_cpu else None
-    if lib is not None and compiled.takes(x, update[0], update[2], state.mean, state.std,
-                                          weight, bias):
-        return compiled.train_rows(lib, x, weight, bias, state, update[2],
-                                   tuple(float(v) for v in limits), eps, float(update[1]),
-                                   SHIFT_ABOVE if shift else 0.0)
     with torch.no_grad():
-        step = _Step(x, 1, shift, state.mean, state.std, weight, bias, limits, eps, update)
-        if step.lib is None:
-            step.move_tensor_state(*update)
+        step = _Step(x, 1, shift, state.mean, state.std, weight, bias, limits, eps)
+        step.move_tensor_state(*update)
     r, d = step.rows[1], step.rows[2]
     xs = x if step.origin is None else x - step.origin
     scale, shift = (r, d) if weight is None else (weight * r, torch.addcmul(bias, weight, d))
@@ -628,8 +613,13 @@ def _native_train(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tens
     momentum = momentum_at(config, state.step, state.std.dtype)
     if not torch.compiler.is_compiling():
         update = (state.step, momentum, finite_out)
-        if groups == 1 and config.output_clip is None and not _batch_norm_layout(x):
-            return _rows_train(x, weight, bias, state, limits, config.eps, shift, update)
+        if groups == 1:
+            y = _whole_step(x, weight, bias, state, limits, config.eps, shift, update,
+                            config.output_clip)
+            if y is not None:
+                return y
+            if config.output_clip is None and not _batch_norm_layout(x):
+                return _rows_train(x, weight, bias, state, limits, config.eps, shift, update)
         return _NativeRenorm.apply(x, weight, bias, state.mean, state.std, limits,
                                    config.eps, groups, config.output_clip, shift, update)
     y, batch_mean, batch_std = _NativeRenorm.apply(
@@ -714,16 +704,17 @@ def _kernels_take(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
 def _infer(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
            mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """``weight * (x - mean) / std + bias`` in one pass, rounded once to x's dtype: one
-    ``addcmul`` when features are innermost, else batch norm's inference kernel with
-    variance ``std * std`` and eps 0 (in binary floating point ``sqrt(std * std) == std``
-    exactly for a positive std whose square neither overflows nor underflows)."""
-    if _channels_innermost(x) or not _kernels_take(x, weight, mean):
+    ``addcmul`` on ``(N, C)`` rows, else batch norm's inference kernel with variance
+    ``std * std`` and eps 0 (in binary floating point ``sqrt(std * std) == std`` exactly
+    for a positive std whose square neither overflows nor underflows)."""
+    if x.dim() == 2 or not _kernels_take(x, weight, mean):
         scale = std.reciprocal() if weight is None else weight / std
         shift = torch.mul(mean, scale).neg_() if bias is None else torch.addcmul(
             bias, mean, scale, value=-1)
         y = torch.addcmul(_broadcast(shift, x, 1), x, _broadcast(scale, x, 1))
         return y if y.dtype == x.dtype else y.to(x.dtype)
-    return F.batch_norm(x, mean, std * std, weight, bias, False, 0.0, 0.0)
+    return torch.batch_norm(x, weight, bias, mean, std * std, False, 0.0, 0.0,
+                            torch.backends.cudnn.enabled)
 
 
 def _batch_renorm(x: torch.Tensor, state: RenormState | None, weight: torch.Tensor | None,

@@ -20,7 +20,7 @@ from portable_brn.conventions import torch_options
 from portable_brn.schedules import ScheduleLike, cumulative_average
 from portable_brn.state import RenormState
 
-from .functional import _batch_renorm
+from .functional import _batch_renorm, _infer
 from .sync import sync_step
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "SyncBatchRenorm"]
@@ -338,6 +338,8 @@ class _BatchRenorm(nn.Module):
     @torch.jit.unused
     def _forward(self, input: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         self._check_input(input)
+        if mask is None and not self._uses_batch_stats():  # inference: one kernel
+            return _infer(input, self.weight, self.bias, self.running_mean, self.running_std)
         state = None
         if self.track_running_stats:
             state = RenormState(self.running_mean, self.running_std, self.num_batches_tracked)
