@@ -4,8 +4,8 @@ A small step (a critic's ``(256, 256)`` layer) spends more time dispatching some
 per-feature tensor operations, and in a Python ``autograd.Function``, than in its
 batch-wide kernels; on a large step a Python ``autograd.Function`` still costs some 5%.
 ``features.cpp`` holds the per-feature algebra as one loop, the whole step of one group
-as a C++ autograd function, ``output_clip``'s fused passes and float32
-and 16-bit NCHW statistics in one pass.  ``torch.utils.cpp_extension``
+as a C++ autograd function, ``output_clip``'s fused passes and float32 and 16-bit NCHW
+statistics in one pass.  ``torch.utils.cpp_extension``
 compiles it on the first CPU training step (under a minute, once per machine, torch
 version and source) into ``$XDG_CACHE_HOME/portable_brn``.  Without a C++ compiler or
 ninja, or with ``PORTABLE_BRN_NO_COMPILE=1``, :func:`library` is None and the layers do

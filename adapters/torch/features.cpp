@@ -2,11 +2,11 @@
 //
 // - forward_features / backward_features: the per-feature algebra of a training step
 //   (specification sections 3 and 4) and the running-state update, one loop in place of
-//   some twenty small tensor operations (train_step's parts, which the tests hold to
-//   functional.py's tensor operations);
-// - train_step: the whole eager step of one group as a C++ autograd function,
-//   whose fixed cost per call is close to batch norm's own (a Python autograd.Function
-//   costs more than the step itself on a critic's small batches, and 5% of a large one);
+//   some twenty small tensor operations (train_step's parts, exported so that the tests
+//   hold them to functional.py's tensor operations);
+// - train_step: the whole eager step of one group as a C++ autograd function, whose
+//   fixed cost per call is close to batch norm's own (a Python autograd.Function costs
+//   more than the step itself on a critic's small batches, and 5% of a large one);
 // - clip_forward / clip_sums / clip_dx: output_clip's elementwise passes, fused;
 // - batch_stats: float32 and 16-bit NCHW batch statistics in one pass.
 //
@@ -481,6 +481,7 @@ void batch_stats_kernel(const Layout& l, const S* x, int64_t groups, double* out
   });
 }
 
+// (2, groups, C) float32: mean and biased variance per (group, feature).
 Tensor batch_stats(Tensor x, int64_t groups) {
   Layout l = layout_of(x, groups);
   TORCH_CHECK(!l.innermost, "portable_brn: batch_stats takes NCHW-contiguous x");
@@ -501,12 +502,13 @@ Tensor batch_stats(Tensor x, int64_t groups) {
 // batch_stats for NCHW float32 and 16-bit x, else torch's statistics kernel (its
 // mixed-type one for 16-bit x, which float32 buffers select).
 std::tuple<Tensor, Tensor> moments(const Tensor& x) {
-  bool half = at::isReducedFloatingType(x.scalar_type());
   if (x.dim() > 2 && x.is_contiguous() && x.scalar_type() != at::kDouble) {
     Tensor stats = batch_stats(x, 1);
     return {stats[0][0], stats[1][0]};
   }
-  if (!half) return at::batch_norm_update_stats(x, {}, {}, 0.0);
+  if (!at::isReducedFloatingType(x.scalar_type())) {
+    return at::batch_norm_update_stats(x, {}, {}, 0.0);
+  }
   Tensor scratch = at::empty({2, x.size(1)}, x.options().dtype(at::kFloat));
   return at::batch_norm_update_stats(x, scratch[0], scratch[1], 0.0);
 }
@@ -599,7 +601,6 @@ struct StepRenorm : public torch::autograd::Function<StepRenorm> {
       rows = forward_rows(mean, var, origin, run_mean, run_std, weight, bias, finite, step,
                           limits);
     }
-    ctx->saved_data["eps"] = eps;
     if (clip.has_value()) {  // z = x_hat * r + d, clipped, then the affine
       Tensor k_z = at::mul((*rows)[1], (*rows)[0]);
       Tensor offset_z = at::addcmul((*rows)[2], mean, k_z, -1);
@@ -609,6 +610,7 @@ struct StepRenorm : public torch::autograd::Function<StepRenorm> {
       return y_z[0];
     }
     ctx->save_for_backward({xs, mean, *rows});
+    ctx->saved_data["eps"] = eps;
     if (by_addcmul(x)) return at::addcmul((*rows)[6], xs, (*rows)[5]);
     return at::batch_norm(xs, (*rows)[3], (*rows)[4], mean, var, false, 0.0, eps, false);
   }

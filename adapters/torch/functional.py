@@ -138,9 +138,9 @@ def _per_group_stats(x: torch.Tensor, groups: int, stat_dtype: torch.dtype,
     in ``stat_dtype``.
 
     On the CPU, float32 and 16-bit NCHW inputs take ``features.cpp``'s one pass (five
-    times faster than torch's NCHW kernel for float32, as fast or faster for 16-bit).  Elsewhere
-    16-bit inputs pass float32 scratch buffers with momentum 0, which selects batch
-    norm's mixed-dtype kernel: float32 accumulation and float32 results.  Under
+    times faster than torch's NCHW kernel for float32, as fast or faster for 16-bit).
+    Elsewhere 16-bit inputs pass float32 scratch buffers with momentum 0, which selects
+    batch norm's mixed-dtype kernel: float32 accumulation and float32 results.  Under
     ``torch.compile`` (whose tracer lacks a fake kernel for ``batch_norm_update_stats``
     once a process has compiled another graph with it) one ``var_mean`` the compiler
     fuses with any cast."""
